@@ -1,0 +1,56 @@
+"""Generate text from a model, streamed as it is produced.
+
+    python generate.py --model smollm2-135m --prompt "Stolica Polski to" --max-new-tokens 40
+    python generate.py --model path/to/checkpoint --adapter runs/lapt/adapter --temperature 0.7 --top-p 0.9
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from model import generate, load
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="checkpoint folder, .gguf file or named source")
+    p.add_argument("--adapter", help="a LoRA adapter folder saved by train.py, applied on top of the model")
+    p.add_argument("--prompt", default="Dzień dobry! Nazywam się", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    args = p.parse_args(argv)
+
+    model, tokenizer = load(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    if args.adapter:
+        from lora import load_adapter
+        load_adapter(model, args.adapter)
+        model.eval()
+    prompt = tokenizer.encode(args.prompt, bos=True)
+    print(args.prompt, end="", flush=True)
+    new: list[int] = []
+    shown = ""
+    start = time.perf_counter()
+    for token in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                          eos_id=tokenizer.eos_id, seed=args.seed):
+        new.append(token)
+        text = tokenizer.decode(new)
+        # A byte-level token can end inside a multi-byte character: wait for the rest before printing.
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    elapsed = time.perf_counter() - start
+    print(f"\n[{len(new)} tokens in {elapsed:.2f} s: {len(new) / elapsed:.1f} tokens/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The rolling-buffer KV cache of Mistral's paper: W slots per layer, position p lives in slot p mod W.
+
+With a sliding window of W keys no query ever looks further back than W - 1 positions, so the cache never needs
+more than W slots: generating 100k tokens costs the memory of W. A model without a window (SmolLM2, Llama) gets as
+many slots as the longest sequence it will see, and the same code never wraps.
+
+New tokens are handled in two steps per layer:
+  1. attend: the queries of the new chunk see the cached keys plus the chunk's own keys, with a mask computed
+     from absolute positions (cached slot s holds the latest position p < pos with p % capacity == s);
+  2. store: the chunk's last min(T, capacity) keys and values overwrite their slots.
+Attending before storing is what makes chunks longer than the window correct: a chunk's early queries still need
+keys that its later keys would overwrite.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.args import ModelArgs
+
+
+class RollingKVCache:
+    def __init__(self, args: ModelArgs, batch_size: int, max_tokens: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        window = args.sliding_window
+        if window is None and max_tokens is None:
+            raise ValueError("a model without a sliding window needs max_tokens to size its cache")
+        # Never more slots than tokens will be seen, never more than the window.
+        self.capacity = min(c for c in (window, max_tokens) if c is not None)
+        self.sliding_window = window
+        self.max_tokens = max_tokens
+        shape = (args.n_layers, batch_size, args.n_kv_heads, self.capacity, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens seen so far = position of the next token
+
+    def advance(self, n: int) -> None:
+        """Called once per forward, after every layer has stored its keys."""
+        self.pos += n
+
+    def _slot_positions(self, device) -> torch.Tensor:
+        """Absolute position held by each slot in use, in slot order; the slots in use are 0..min(pos, C)-1."""
+        n = min(self.pos, self.capacity)
+        s = torch.arange(n, device=device)
+        return self.pos - 1 - (self.pos - 1 - s) % self.capacity
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, Hq, T, D], k/v [B, Hkv, T, D] for positions pos..pos+T-1 -> attention output [B, Hq, T, D]."""
+        t = q.shape[2]
+        if self.sliding_window is None and self.pos + t > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} tokens; {self.pos} + {t} would exceed it "
+                             f"(make the cache with a larger max_tokens)")
+        n_cached = min(self.pos, self.capacity)
+        keys = torch.cat((self.k[layer, :, :, :n_cached], k), dim=2)      # [B, Hkv, n_cached + T, D]
+        values = torch.cat((self.v[layer, :, :, :n_cached], v), dim=2)
+        q_pos = torch.arange(self.pos, self.pos + t, device=q.device)
+        k_pos = torch.cat((self._slot_positions(q.device), q_pos))
+        visible = k_pos[None, :] <= q_pos[:, None]                         # [T, n_cached + T]
+        if self.sliding_window is not None:
+            visible &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
+        mask = None if bool(visible.all()) else visible  # a decode step inside the window needs no mask
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        # Store the chunk's last `capacity` keys in their slots (earlier ones would be overwritten anyway).
+        keep = min(t, self.capacity)
+        slots = q_pos[t - keep:] % self.capacity
+        self.k[layer].index_copy_(2, slots, k[:, :, t - keep:])
+        self.v[layer].index_copy_(2, slots, v[:, :, t - keep:])
+        return out
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes

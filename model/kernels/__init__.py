@@ -1,0 +1,82 @@
+"""The decoder's hot operations, each a fused Triton kernel beside its plain-PyTorch reference.
+
+One switch (model/kernels/_switch.py) decides the path per call: the Triton kernels for CUDA tensors, the
+references everywhere else; MINICURIE_KERNELS=auto|triton|reference or `with use_kernels("triton"):` forces one.
+`TRITON_INTERPRET=1` (set before anything imports triton) runs the Triton path on the CPU, which is how the tests
+check it.
+
+Call signatures (the decoder and train.py rely on these):
+    rms_norm(x[..., D], weight[D], eps) -> [..., D]                  x's dtype (promoted with weight's)
+    apply_rope(x[B, T, H, Dh], cos[T, Dh/2], sin[T, Dh/2]) -> x       interleaved pairs (Mistral's convention)
+    swiglu(gate[..., F], up[..., F]) -> silu(gate) * up
+    attention(q[B, Hq, T, Dh], k[B, Hkv, T, Dh], v[B, Hkv, T, Dh], sliding_window) -> [B, Hq, T, Dh]
+        causal over one whole sequence; query i sees key j iff i - W < j <= i (W = sliding_window, None: causal)
+    linear_cross_entropy(h[N, D], weight[V, D], targets[N], ignore_index=-100) -> mean loss over kept tokens
+        always chunked, so the [N, V] logits never exist (see cross_entropy.py)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.kernels._switch import use_kernels, use_triton
+from model.kernels.cross_entropy import linear_cross_entropy_fused
+from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+from model.kernels.rope import apply_rope_reference, apply_rope_triton
+from model.kernels.swiglu import swiglu_reference, swiglu_triton
+
+__all__ = ["rms_norm", "apply_rope", "swiglu", "attention", "linear_cross_entropy", "sliding_window_mask",
+           "attention_reference", "use_kernels"]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_triton(x, weight):
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if use_triton(x, cos, sin):
+        return apply_rope_triton(x, cos, sin)
+    return apply_rope_reference(x, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if use_triton(gate, up):
+        return swiglu_triton(gate, up)
+    return swiglu_reference(gate, up)
+
+
+def sliding_window_mask(t_q: int, t_k: int, window: int | None, device=None, offset: int = 0) -> torch.Tensor:
+    """Boolean [t_q, t_k] mask, True where query i (at position offset + i) may see key j."""
+    i = torch.arange(t_q, device=device)[:, None] + offset
+    j = torch.arange(t_k, device=device)[None, :]
+    keep = j <= i
+    if window is not None:
+        keep &= j > i - window
+    return keep
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        sliding_window: int | None) -> torch.Tensor:
+    t = q.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if sliding_window is None or sliding_window >= t:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = sliding_window_mask(t, t, sliding_window, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    if use_triton(q, k, v):
+        # Imported on first use: the flash-attention kernel is the largest Triton file and the only one the
+        # reference path never needs.
+        from model.kernels.flash_attention import flash_attention
+        return flash_attention(q, k, v, sliding_window)
+    return attention_reference(q, k, v, sliding_window)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100) -> torch.Tensor:
+    return linear_cross_entropy_fused(h, weight, targets, ignore_index=ignore_index,
+                                      use_triton=use_triton(h, weight))

