@@ -3,16 +3,17 @@
     python eval_ppl.py --model smollm2-135m --data test
     python eval_ppl.py --model smollm2-135m --adapter runs/lapt/adapter --model smollm2-135m --data test --json out.json
 
-Sliding-window scoring. Each document is tokenised on its own as [BOS] + tokens and cut into windows of `ctx`
-tokens that advance by `stride`:
+Sliding-window scoring. Each document is tokenised on its own as [BOS] + tokens; windows of `ctx` input tokens
+start every `stride` tokens, and each input position predicts the token after it:
 
-    window 0: tokens [0, ctx)                  scores targets 1 .. ctx-1            (what little context there is)
-    window k: tokens [k*stride, k*stride+ctx)  scores only the targets window k-1 did not reach
+    window 0: inputs [0, ctx)                     scores targets 1 .. ctx          (what little context there is)
+    window k: inputs [k*stride, k*stride + ctx)   scores only the targets window k-1 did not reach
 
-so every token is scored exactly once, with at least ctx - stride tokens of context once the first window is full,
-and no context ever crosses a document boundary. stride == ctx gives disjoint chunks; stride 1 gives every token a
-full window. Perplexity is exp(total NLL / scored tokens). Bits per byte is total NLL / ln 2 / UTF-8 bytes of the
-text: the same text costs the same bits whatever the tokenizer, which perplexity per token does not.
+so every token but BOS is scored exactly once; once past the first window a target has at least ctx - stride
+tokens of context, and no context ever crosses a document boundary. stride == ctx gives disjoint input chunks;
+stride 1 gives every target a full window of ctx tokens. Perplexity is exp(total NLL / scored tokens). Bits per
+byte is total NLL / ln 2 / UTF-8 bytes of the text: the same text costs the same bits whatever the tokenizer, which
+perplexity per token does not.
 """
 from __future__ import annotations
 
@@ -46,13 +47,13 @@ class PerplexityResult:
 
 
 def windows(n: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows over a sequence of n tokens: (begin, end, first_target). Targets first_target..end-1 are scored in
-    the window tokens[begin:end]; together the windows score targets 1..n-1 exactly once."""
+    """Windows over a sequence of n tokens: (begin, end, first_target). The model reads inputs tokens[begin:end-1]
+    (at most ctx) and targets first_target..end-1 are scored; together the windows score 1..n-1 exactly once."""
     if not 1 <= stride <= ctx:
         raise ValueError(f"--stride must be in 1..ctx ({ctx}), got {stride}")
     out, begin, done = [], 0, 1  # target 0 (BOS) is never scored
     while done < n:
-        end = min(begin + ctx, n)
+        end = min(begin + ctx + 1, n)
         out.append((begin, end, done))
         done = end
         begin += stride
@@ -61,11 +62,11 @@ def windows(n: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
 
 @torch.no_grad()
 def _score_batch(model, batch: list[list[int]], firsts: list[int], device, chunk: int = 1024) -> float:
-    """Sum of -log p(target) over the scored targets of a batch of windows (right-padded)."""
-    width = max(len(w) for w in batch)
+    """Sum of -log p(target) over the scored targets of a batch of windows (inputs right-padded)."""
+    width = max(len(w) for w in batch) - 1
     tokens = torch.zeros(len(batch), width, dtype=torch.long)
     for i, w in enumerate(batch):
-        tokens[i, : len(w)] = torch.tensor(w)
+        tokens[i, : len(w) - 1] = torch.tensor(w[:-1])  # the last token is only ever a target
     h = model.hidden(tokens.to(device))                               # [B, T, dim]
     # Only the scored positions go through the output head: stride rows per window instead of ctx.
     rows, targets = [], []

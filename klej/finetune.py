@@ -45,6 +45,8 @@ from klej.metrics import METRICS
 from klej.tasks import Split, Task, TaskData
 from klej.templates import encode_example
 from lora import LoRAConfig, inject_lora, load_adapter, remove_lora, save_adapter
+from model import load
+from model.safetensors import load_file, save_file
 
 RUN_FILE = "run.json"          # what was trained: task, base model, recipe
 RESULT_FILE = "result.json"    # the finished run's dev score
@@ -92,13 +94,11 @@ def prepare_classifier(model: nn.Module, task: Task, cfg: FinetuneConfig,
 
 
 def save_best(head: SequenceHead, cfg: FinetuneConfig, folder: Path) -> None:
-    from model.safetensors import save_file
     save_adapter(head.model, cfg.lora, folder)
     save_file({"score.weight": head.score.weight.detach().cpu().contiguous()}, folder / HEAD_FILE)
 
 
 def load_best(head: SequenceHead, folder: Path) -> None:
-    from model.safetensors import load_file
     load_adapter(head.model, folder)
     path = folder / HEAD_FILE
     if not path.exists():
@@ -117,7 +117,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_base(source: str | Path, device: str = "cpu", dtype: str = "float32", quantize: str | None = None):
     """-> (Transformer, tokenizer) of a checkpoint folder, .gguf or named source; quantize="nf4" holds the frozen
     base in 4-bit NormalFloat (QLoRA), quantised tensor by tensor as it loads."""
-    from model import load
     transform = None
     if quantize == "nf4":
         from model.loading import quantize_nf4_on_load

@@ -72,7 +72,7 @@ def export_merged_hf(model: nn.Module, args: ModelArgs, folder: str | Path,
 
     The model itself is not modified: each merged weight is computed as its shard is written, so peak memory is one
     shard. A head tied to the embeddings is written once (as Hugging Face does, no lm_head) unless it carries LoRA:
-    then the merged head differs from the embeddings and is written untied.
+    then the merged head differs from the embeddings and is written untied (so is a head untied by remove_lora).
     """
     folder = Path(folder)
     layers = lora_modules(model)
@@ -81,19 +81,22 @@ def export_merged_hf(model: nn.Module, args: ModelArgs, folder: str | Path,
             raise TypeError(f"cannot merge LoRA into {name!r}: its base is a {type(m.base).__name__}; load the "
                             "adapter onto the full-precision model and export that")
     base_of = {f"{name}.base.weight": m for name, m in layers.items()}
-    untie = args.tied_embeddings and "output" in layers
+    state = model.state_dict(keep_vars=True)
+    # The head is tied when it is the embedding matrix itself; an adapter on it (merged or not) unties it.
+    tied = "output" not in layers and state["output.weight"] is state["tok_embeddings.weight"]
 
     # (Hugging Face name, bytes, how to make the tensor), in model order; nothing is computed yet.
     plan: list[tuple[str, int, Callable[[], torch.Tensor]]] = []
-    for key, t in model.state_dict(keep_vars=True).items():
+    for key, t in state.items():
         if key.endswith((".lora_A", ".lora_B")):
             continue
         lora = base_of.get(key)
         name = key.replace(".base.weight", ".weight") if lora is not None else key
-        if name == "output.weight" and args.tied_embeddings and not untie:
-            continue  # the tied head is tok_embeddings.weight, already written
-        if t.is_meta:
-            raise ValueError(f"cannot export {name!r}: it is still on the meta device (load the weights first)")
+        if name == "output.weight" and tied:
+            continue  # Hugging Face stores a tied head once, as the embeddings
+        if not (name.endswith(".weight") and t.is_floating_point()) or t.is_meta:
+            raise ValueError(f"cannot export {key!r} ({t.dtype}{', meta device' if t.is_meta else ''}): only "
+                             "full-precision weights can be written (load the full-precision model)")
         plan.append((to_hf_name(name), t.numel() * t.element_size(), _merged(name, t, lora, args)))
 
     shards: list[list[tuple[str, Callable[[], torch.Tensor]]]] = [[]]
@@ -117,7 +120,7 @@ def export_merged_hf(model: nn.Module, args: ModelArgs, folder: str | Path,
     write_json(folder / HF_INDEX, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
 
     config = args.to_hf_config()
-    config["tie_word_embeddings"] = args.tied_embeddings and not untie
+    config["tie_word_embeddings"] = tied
     config["torch_dtype"] = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     write_json(folder / HF_CONFIG, config)
     # Shards of an earlier export into this folder would shadow (model.safetensors) or clutter this one.

@@ -40,7 +40,9 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.shared_weight = shared_weight
         self.merged = False
-        self._shared: nn.Parameter | None = None  # the tied weight, set aside while a tied head is merged
+        # While a tied head is merged, its shared weight waits here to be restored. A plain list, because nn.Module
+        # would register a Parameter attribute as one of ours (it is the embeddings', saved and counted there).
+        self._set_aside: list[nn.Parameter] = []
 
         # The adapter lives where the base lives (the meta device included: the caller materialises it later), but
         # always in float32, whatever the base's storage: the optimiser updates these few weights, and bf16 would
@@ -72,7 +74,7 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             if self.shared_weight:
                 # A tied head gets its own merged weight; the embeddings keep the shared one, restored on unmerge.
-                self._shared = weight
+                self._set_aside.append(weight)
                 self.base.weight = nn.Parameter(merged, requires_grad=False)
             else:
                 weight.copy_(merged)
@@ -85,8 +87,7 @@ class LoRALinear(nn.Module):
         weight = self._linear_weight("unmerge")
         with torch.no_grad():
             if self.shared_weight:
-                self.base.weight = self._shared
-                self._shared = None
+                self.base.weight = self._set_aside.pop()
             else:
                 weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
         self.merged = False

@@ -43,13 +43,14 @@ _CHUNK = BLOCK_SIZE * 2**16
 def nf4_codebook() -> torch.Tensor:
     """The 16 NormalFloat values [16] (float32, sorted): quantiles of N(0, 1), scaled to [-1, 1].
 
-    Each code covers an equal share of a normal distribution, the information-theoretically best 4-bit grid for
-    normally distributed weights. 8 quantiles on the positive side and 7 on the negative, plus an exact zero, use
+    Each code covers an equal share of a normal distribution, which QLoRA calls information-theoretically optimal
+    for normally distributed weights. 8 quantiles on the positive side and 7 on the negative, plus an exact zero, use
     all 16 codes and still represent 0 (padding, pruned weights) exactly. The outermost probability, 0.9677083, is
     the mean of 1 - 1/(2*15) and 1 - 1/(2*16): it keeps the tails finite (ppf(1) = inf).
 
-    The probabilities and the final normalisation are float32, as in QLoRA's reference code, so the table is
-    bit-identical to the published one (a float64 derivation differs in the last bit of a few entries).
+    The probabilities and the final normalisation are float32, as in bitsandbytes' `create_normal_map` (which
+    produced QLoRA's published table), so the table is bit-identical to it; a float64 derivation differs in the last
+    bit of a few entries.
     """
     outer = 0.9677083
     positive = torch.special.ndtri(torch.linspace(outer, 0.5, 9)[:-1].double())    # 8 values, ppf(0.5) = 0 dropped
@@ -124,15 +125,11 @@ class NF4Weight:
     scale_offset: torch.Tensor  # float32 []                   mean absmax, subtracted before the 8-bit step
     shape: torch.Size
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in (self.packed, self.scale_codes, self.scale_absmax, self.scale_offset))
-
 
 def _blocks(flat: torch.Tensor, size: int) -> torch.Tensor:
     """[n] -> [ceil(n / size), size], the short last block completed with zeros (they change no absmax)."""
     pad = -flat.numel() % size
-    return torch.nn.functional.pad(flat, (0, pad)).view(-1, size)
+    return (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, size)
 
 
 def _scale(blocks: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -140,7 +137,7 @@ def _scale(blocks: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
 
     An all-zero block has absmax 0; the floor of 1e-38 turns its 0 / 0 into 0 * 1e38 = 0 (code of zero).
     """
-    return torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1)
+    return (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp_(-1, 1)
 
 
 def quantize(weight: torch.Tensor, name: str = "weight") -> NF4Weight:

@@ -6,9 +6,9 @@
 Both give `encode(text, bos=True, eos=False) -> list[int]`, `decode(ids) -> str`, and `bos_id`, `eos_id`, `pad_id`
 (None when the model has none), `vocab_size`.
 
-`bos=True` starts the sequence the way the model was trained to see it: with BOS where the model uses one (always
-for SentencePiece; for a GGUF, as its `tokenizer.ggml.add_bos_token` says -- SmolLM2's says no). `eos=True` always
-appends EOS: callers use it to mark where a document ends.
+`bos=True` puts `bos_id` first and `eos=True` puts `eos_id` last, whenever the model has them: the caller decides.
+(A GGUF's `tokenizer.ggml.add_bos_token`, which llama.cpp obeys, is not consulted; SmolLM2's is false, yet scoring
+a document's first token needs a token before it.)
 
 Byte-level BPE in four steps (GPT-2, Radford et al. 2019):
   1. special tokens (GGUF token_type CONTROL or USER_DEFINED, e.g. `<|im_end|>`) are cut out of the text whole;
@@ -32,6 +32,7 @@ from model import sources
 
 
 class Tokenizer(Protocol):
+    """What every tokenizer here offers; the rest of minicurie relies on nothing else."""
     bos_id: int | None
     eos_id: int | None
     pad_id: int | None
@@ -63,8 +64,11 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = self._sp.encode(text)
-        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + \
-            ([self.eos_id] if eos and self.eos_id is not None else [])
+        if bos and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         # Control tokens (<s>, </s>) decode to nothing, as in sentencepiece.
@@ -117,7 +121,7 @@ def _gpt2_split() -> str:
     # `\s+(?!\S)` leaves the last space of a run to start the next word: "a   b" -> "a", "  ", " b".
     c = _unicode_classes()
     L, N, S = c["L"], c["N"], c["S"]
-    return (rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+")
+    return rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+"
 
 
 def _each_number() -> str:
@@ -139,12 +143,12 @@ class GGUFBPETokenizer:
     """Byte-level BPE from a GGUF's `tokenizer.ggml.*` metadata (`tokenizer.ggml.model == "gpt2"`)."""
 
     def __init__(self, tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int] | None,
-                 bos_id: int | None, eos_id: int | None, pad_id: int | None, add_bos: bool, pre: str,
+                 bos_id: int | None, eos_id: int | None, pad_id: int | None, pre: str,
                  source: str = "GGUF metadata"):
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"{source}: tokenizer.ggml.pre {pre!r} is not supported; "
                              f"known: {', '.join(sorted(PRE_TOKENIZERS))}")
-        self.bos_id, self.eos_id, self.pad_id, self.add_bos = bos_id, eos_id, pad_id, add_bos
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.vocab_size = len(tokens)
         for name, i in (("bos", bos_id), ("eos", eos_id), ("padding", pad_id)):
             if i is not None and not 0 <= i < self.vocab_size:
@@ -156,15 +160,19 @@ class GGUFBPETokenizer:
         unspell = {c: b for b, c in alphabet.items()}
         types = list(token_types) if token_types is not None else [1] * self.vocab_size
         if len(types) != self.vocab_size:
-            raise ValueError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {self.vocab_size} tokens")
+            raise ValueError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries for "
+                             f"{self.vocab_size} tokens")
 
         self._vocab: dict[str, int] = {}
         self._id_to_bytes: list[bytes] = []  # what each id decodes to
         self._special: dict[str, int] = {}   # tokens matched whole in the text -> id
         for i, (token, kind) in enumerate(zip(tokens, types)):
             if kind in (CONTROL, USER_DEFINED):
-                self._special.setdefault(token, i)
-                self._id_to_bytes.append(token.encode("utf-8"))  # stands for its own text
+                if token:  # an empty one would match everywhere
+                    self._special.setdefault(token, i)
+                # Control tokens (BOS, EOS, <|im_start|>...) decode to nothing, as in sentencepiece; user-defined
+                # ones (e.g. <think>) stand for their own text.
+                self._id_to_bytes.append(b"" if kind == CONTROL else token.encode("utf-8"))
             elif all(ch in unspell for ch in token):
                 self._vocab.setdefault(token, i)
                 self._id_to_bytes.append(bytes(unspell[ch] for ch in token))
@@ -206,18 +214,15 @@ class GGUFBPETokenizer:
             tokens=need("tokenizer.ggml.tokens"), merges=need("tokenizer.ggml.merges"),
             token_types=metadata.get("tokenizer.ggml.token_type"),
             bos_id=metadata.get("tokenizer.ggml.bos_token_id"), eos_id=metadata.get("tokenizer.ggml.eos_token_id"),
-            pad_id=metadata.get("tokenizer.ggml.padding_token_id"),
-            # Byte-level BPE models mostly train without BOS; llama.cpp and transformers both default to none.
-            add_bos=bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
-            pre=metadata.get("tokenizer.ggml.pre", "gpt2"), source=source)
+            pad_id=metadata.get("tokenizer.ggml.padding_token_id"), pre=metadata.get("tokenizer.ggml.pre", "gpt2"), source=source)
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> "GGUFBPETokenizer":
-        from model.gguf import GGUFFile
+        from model.gguf import GGUFFile  # here, so that SentencePiece users never import torch through it
         return cls.from_metadata(GGUFFile(path).metadata, path=path)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        ids = [self.bos_id] if bos and self.add_bos and self.bos_id is not None else []
+        ids = [self.bos_id] if bos and self.bos_id is not None else []
         # re.split with a capture group: odd entries are the special tokens, even ones the text between them.
         parts = self._special_split.split(text) if self._special_split else [text]
         for n, part in enumerate(parts):
@@ -266,9 +271,10 @@ class GGUFBPETokenizer:
         # bytes F1/F2 of unassigned planes) is dropped, as transformers and llama.cpp both do.
         return tuple(self._vocab[s] for s in symbols if s in self._vocab)
 
+
 # --------------------------------------------------------------------------------------------------- loading
 
-def load_tokenizer(path: str | Path) -> SentencePieceTokenizer | GGUFBPETokenizer:
+def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer from a SentencePiece model file, a folder holding one, a .gguf file, or a named source."""
     if sources.is_named_source(path):
         path = sources.resolve(path)

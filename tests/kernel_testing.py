@@ -89,17 +89,21 @@ def forward_backward(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]
 
 
 def peak_allocated_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes of CPU tensor memory allocated while fn runs, above what was allocated before it started.
+    """Peak bytes of CPU tensor memory allocated while fn runs, above what was allocated when it started.
 
-    A real measurement: the profiler records every allocation and free of the CPU allocator, each with the running
-    total of bytes allocated since profiling began; the peak is the largest running total.
+    A real measurement: the profiler records every allocation and free of the CPU allocator with a running total
+    of the bytes it tracks. That total carries over from earlier profiling sessions, so the baseline is the total
+    just before fn's first allocation.
     """
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         event = stack.pop()
         stack.extend(event.children)
         if event.typed[0] == _EventType.Allocation:
-            peak = max(peak, event.typed[1].total_allocated)
-    return peak
+            events.append(event)
+    if not events:
+        return 0
+    first = min(events, key=lambda e: e.start_time_ns).typed[1]
+    return max(e.typed[1].total_allocated for e in events) - (first.total_allocated - first.alloc_size)

@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lora import (LoRAConfig, LoRALinear, count_parameters, inject_lora, load_adapter, lora_modules, merge_lora,
-                  parameter_summary, remove_lora, save_adapter, unmerge_lora)
+from lora import (LoRAConfig, LoRALinear, count_parameters, export_merged_hf, inject_lora, load_adapter,
+                  lora_modules, merge_lora, parameter_summary, remove_lora, save_adapter, unmerge_lora)
 from lora.adapter import ADAPTER_WEIGHTS
 from model.args import ModelArgs
+from model.loading import load
 from model.nf4 import NF4Linear
 from model.safetensors import load_file, save_file
 from model.transformer import Transformer
@@ -199,7 +200,9 @@ def test_tied_head_stays_tied_and_merges_without_touching_embeddings():
     embeddings = model.tok_embeddings.weight.detach().clone()
     x = tokens()
     unmerged = model(x)
+    keys = set(model.state_dict())
     merge_lora(model)
+    assert set(model.state_dict()) == keys and count_parameters(model)[0] == lora_params
     torch.testing.assert_close(model.tok_embeddings.weight, embeddings, atol=0, rtol=0)
     torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-6)
     unmerge_lora(model)
@@ -288,3 +291,35 @@ def test_adapter_with_missing_or_extra_tensors_is_an_error(tmp_path):
     save_file(tensors, path)
     with pytest.raises(ValueError, match=r"layers\.9\.attention\.wq\.lora_A"):
         load_adapter(tiny(), tmp_path / "a")
+
+
+# ---------------------------------------------------------------------------------------------------- merged export
+
+def test_merged_export_reloads_with_our_loader_merged_or_not(tmp_path):
+    model = tiny(tied_embeddings=True)
+    inject_lora(model, LoRAConfig(r=4, alpha=8))
+    randomise_lora(model)
+    x = tokens()
+    expected = model(x)
+    export_merged_hf(model, model.args, tmp_path / "a", max_shard_bytes=50_000)
+    merge_lora(model)  # exporting an already merged model must not add the update twice
+    export_merged_hf(model, model.args, tmp_path / "b")
+    remove_lora(model)  # nor must a plain model whose merged head is no longer tied lose that head
+    export_merged_hf(model, model.args, tmp_path / "c")
+    a, b, c = (dict(kv for f in sorted((tmp_path / d).glob("model-*.safetensors")) for kv in load_file(f).items())
+               for d in "abc")
+    assert a.keys() == b.keys() == c.keys() and "lm_head.weight" in a
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0)
+        torch.testing.assert_close(c[name], a[name], atol=1e-6, rtol=0)
+    reloaded, _ = load(tmp_path / "a", require_tokenizer=False)
+    assert not reloaded.args.tied_embeddings
+    torch.testing.assert_close(reloaded(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_export_refuses_a_quantised_base(tmp_path):
+    model = tiny()
+    inject_lora(model, LoRAConfig(r=2, alpha=4, targets=("wq",)))
+    model.layers[1].attention.wq.base = NF4Linear.from_weight(torch.randn(64, 64))
+    with pytest.raises(TypeError, match=r"layers\.1\.attention\.wq.*NF4Linear"):
+        export_merged_hf(model, model.args, tmp_path / "out")

@@ -11,8 +11,8 @@ Call signatures (the decoder and train.py rely on these):
     swiglu(gate[..., F], up[..., F]) -> silu(gate) * up
     attention(q[B, Hq, T, Dh], k[B, Hkv, T, Dh], v[B, Hkv, T, Dh], sliding_window) -> [B, Hq, T, Dh]
         causal over one whole sequence; query i sees key j iff i - W < j <= i (W = sliding_window, None: causal)
-    linear_cross_entropy(h[N, D], weight[V, D], targets[N], ignore_index=-100) -> mean loss over kept tokens
-        always chunked, so the [N, V] logits never exist (see cross_entropy.py)
+    linear_cross_entropy(h[N, D], weight[V, D], targets[N], ignore_index=-100, label_smoothing=0.0)
+        -> mean loss over kept tokens; always chunked, so the [N, V] logits never exist (see cross_entropy.py)
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from model.kernels._switch import use_kernels, use_triton
 from model.kernels.cross_entropy import linear_cross_entropy_fused
+from model.kernels.flash_attention import flash_attention as flash_attention_triton
 from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 from model.kernels.rope import apply_rope_reference, apply_rope_triton
 from model.kernels.swiglu import swiglu_reference, swiglu_triton
@@ -69,14 +70,11 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
     if use_triton(q, k, v):
-        # Imported on first use: the flash-attention kernel is the largest Triton file and the only one the
-        # reference path never needs.
-        from model.kernels.flash_attention import flash_attention
-        return flash_attention(q, k, v, sliding_window)
+        return flash_attention_triton(q, k, v, sliding_window)
     return attention_reference(q, k, v, sliding_window)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100) -> torch.Tensor:
+                         ignore_index: int = -100, label_smoothing: float = 0.0) -> torch.Tensor:
     return linear_cross_entropy_fused(h, weight, targets, ignore_index=ignore_index,
-                                      use_triton=use_triton(h, weight))
+                                      label_smoothing=label_smoothing, use_triton=use_triton(h, weight))

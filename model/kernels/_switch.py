@@ -36,6 +36,7 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("minicurie_
 
 
 def jit(fn: Callable) -> Callable:
+    """triton.jit, or the plain function where Triton is missing (the switch then never routes to it)."""
     return triton.jit(fn) if triton is not None else fn
 
 

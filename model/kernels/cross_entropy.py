@@ -117,7 +117,7 @@ def _chunked_loss_and_grads(h: torch.Tensor, weight: torch.Tensor, targets: torc
     """Summed loss over kept tokens (float32 scalar) and the gradients of that sum w.r.t. h and weight."""
     step = _chunk_step_triton if use_triton else _chunk_step_reference
     losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-    dh = torch.empty_like(h) if need_dh else None
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_dh else None   # contiguous: mm's out=
     dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dweight else None
     for s in range(0, h.shape[0], chunk_size):
         h_c = h[s:s + chunk_size]                                                    # [C, D]

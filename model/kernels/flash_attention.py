@@ -19,27 +19,17 @@ Two things are specific to Mistral:
   row r is position m0 + r // G of query head r % G. Each K/V block is then loaded once per group, one tl.dot
   serves all G heads, and in the backward dK/dV of the KV head is a plain sum over the tile's rows: no atomics.
 
-Shapes: q [B, Hq, T, D], k and v [B, Hkv, T, D], any strides. D is a power of two from 16 to 256. fp32, fp16 and
+Shapes: q [B, Hq, T, D], k and v [B, Hkv, T, D], any strides. D is 16, 32, 64 or 128. fp32, fp16 and
 bf16 are accepted; scores, softmax statistics and all gradients accumulate in fp32. Without a GPU, run the kernels
 with TRITON_INTERPRET=1 (set before triton is imported); the interpreter is exact for fp32/fp16 but not for bf16.
 """
 from __future__ import annotations
 
 import functools
-import math
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-    _jit = triton.jit
-except ImportError:  # the reference and the block schedules below work without triton; flash_attention says so
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
+from model.kernels._switch import INTERPRETING, jit, tl, triton
 
 LOG2E = 1.4426950408889634  # the kernels use exp2 (one hardware instruction): e^x = 2^(x * log2 e)
 # tl.dot rounds fp32 operands to tf32 on NVIDIA tensor cores by default; ask for full fp32 products instead.
@@ -133,7 +123,7 @@ def _schedule_on(device: torch.device, keys_major: bool, seq_len: int, sliding_w
 # Grid: (query or key block, batch * KV head). Tiles: BLOCK_R query rows (GROUP heads x BLOCK_M positions, padded to
 # a power of two), BLOCK_N keys, HEAD_DIM features. qk_scale is softmax_scale * log2(e), so scores are in base 2.
 
-@_jit
+@jit
 def _query_rows(pid_m, kv_head, seq_len, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     """Position, query head and validity of the BLOCK_R rows of query block pid_m of one KV head's group."""
     rows = tl.arange(0, BLOCK_R)
@@ -143,7 +133,7 @@ def _query_rows(pid_m, kv_head, seq_len, GROUP: tl.constexpr, BLOCK_M: tl.conste
     return pos, head, valid
 
 
-@_jit
+@jit
 def _masked_scores(q, k, q_pos, k_pos, qk_scale, window, is_boundary, DOT_PRECISION: tl.constexpr):
     """Scores [BLOCK_R, BLOCK_N] in base 2; on a boundary block, -inf where the key is outside the query's window."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -153,7 +143,7 @@ def _masked_scores(q, k, q_pos, k_pos, qk_scale, window, is_boundary, DOT_PRECIS
     return s
 
 
-@_jit
+@jit
 def _forward_kernel(Q, K, V, O, LSE, SCHEDULE,
                     stride_qb, stride_qh, stride_qt, stride_qd,
                     stride_kb, stride_kh, stride_kt, stride_kd,
@@ -207,7 +197,7 @@ def _forward_kernel(Q, K, V, O, LSE, SCHEDULE,
     tl.store(LSE + (b64 * n_heads + q_head) * seq_len + q_pos, m_i + tl.log2(l_i), mask=q_valid)
 
 
-@_jit
+@jit
 def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SCHEDULE,
                         stride_qb, stride_qh, stride_qt, stride_qd,
                         stride_kb, stride_kh, stride_kt, stride_kd,
@@ -257,7 +247,7 @@ def _backward_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SCHEDULE,
              + d[None, :] * stride_dqd, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=row_mask)
 
 
-@_jit
+@jit
 def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SCHEDULE,
                           stride_qb, stride_qh, stride_qt, stride_qd,
                           stride_kb, stride_kh, stride_kt, stride_kd,
@@ -323,7 +313,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_win
     where = "model/kernels/flash_attention.py"
     if triton is None:
         raise RuntimeError(f"{where}: flash_attention needs triton; use attention_reference without it")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not q.is_cuda and not INTERPRETING:
         raise RuntimeError(f"{where}: tensors are on {q.device}; Triton runs on CUDA, or on the CPU with "
                            "TRITON_INTERPRET=1 set before triton is imported")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -340,8 +330,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_win
     if not (q.device == k.device == v.device):
         raise ValueError(f"{where}: q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     head_dim = q.shape[-1]
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        raise ValueError(f"{where}: head_dim={head_dim} is not supported; use a power of two from 16 to 256")
+    # tl.dot needs at least 16; past 128 the fp32 tiles outgrow an H100/H200's 227 KiB of shared memory.
+    if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
+        raise ValueError(f"{where}: head_dim={head_dim} is not supported; use 16, 32, 64 or 128")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"{where}: sliding_window={sliding_window} must be >= 1 or None")
     for name, size in (("block_rows", block_rows), ("block_keys", block_keys)):
@@ -382,7 +373,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: 
 def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
               lse: torch.Tensor, sliding_window: int | None, softmax_scale: float, block_rows: int,
               block_keys: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, n_heads, seq_len, head_dim = q.shape
+    batch, n_heads, seq_len, _ = q.shape
     n_kv_heads = k.shape[1]
     block_m, window, consts = _launch_args(q, k, sliding_window, block_rows)
     # delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, the term the softmax backward subtracts; O(T * D) work.
@@ -412,6 +403,7 @@ class _FlashAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable      # the backward kernels are not themselves differentiable
     def backward(ctx, do: torch.Tensor):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.settings)

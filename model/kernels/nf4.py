@@ -42,7 +42,8 @@ def _dequantize_nf4_kernel(packed_ptr, scale_codes_ptr, scale_absmax_ptr, scale_
     block = i // QBLOCK
     scale_code = tl.load(scale_codes_ptr + block, mask=mask, other=0).to(tl.int32)
     group_max = tl.load(scale_absmax_ptr + block // SCALE_GROUP, mask=mask, other=0.0)
-    # Same float32 operations, in the same order, as the reference: one multiply, one add, one multiply.
+    # The reference's float32 operations in its order (multiply, add, multiply); the launch turns off fusing the
+    # first two into an FMA, which would round once instead of twice and miss the reference by an ulp.
     scale = tl.load(dynamic_ptr + scale_code) * group_max + tl.load(scale_offset_ptr)
     tl.store(out_ptr + i, (value * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -52,10 +53,13 @@ def dequantize_nf4(packed: torch.Tensor, scale_codes: torch.Tensor, scale_absmax
                    dtype: torch.dtype) -> torch.Tensor:
     """The flat weights [n] in `dtype` from an NF4 tensor's parts (see model/nf4.NF4Weight) and the two codebooks
     NF4 [16] and DYNAMIC [256] (float32), all on one device: CUDA, or the CPU under TRITON_INTERPRET=1."""
+    if n >= 2**31:  # the kernel indexes in int32; Mistral-7B's largest tensor, the head, has 1.3e8 elements
+        raise ValueError(f"dequantize_nf4: {n} elements is more than the kernel's int32 indexing allows")
     out = torch.empty(n, dtype=dtype, device=packed.device)
     grid = (triton.cdiv(n, PROGRAM_SIZE),)
     _dequantize_nf4_kernel[grid](packed, scale_codes, scale_absmax, scale_offset, nf4, dynamic, out, n,
-                                 BLOCK=PROGRAM_SIZE, QBLOCK=BLOCK_SIZE, SCALE_GROUP=SCALE_BLOCK_SIZE)
+                                 BLOCK=PROGRAM_SIZE, QBLOCK=BLOCK_SIZE, SCALE_GROUP=SCALE_BLOCK_SIZE,
+                                 enable_fp_fusion=False)
     return out
 
 

@@ -1,0 +1,127 @@
+"""Fused linear + cross-entropy against F.cross_entropy(h @ weight.T) in float64: loss, d h and d weight, for both
+per-chunk steps (the Triton kernel and the PyTorch one the CPU path uses), and a measurement of its peak memory."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.kernels.cross_entropy import linear_cross_entropy_fused, linear_cross_entropy_reference
+from tests.kernel_testing import DEVICE, DTYPES, assert_close, forward_backward, peak_allocated_bytes
+
+STEPS = {"triton": True, "torch": False}
+IGNORE = -100
+
+
+def random_problem(n: int, dim: int, vocab: int, dtype: torch.dtype, n_ignored: int = 0, device: str = DEVICE):
+    h = torch.randn(n, dim, device=device).to(dtype)
+    weight = (torch.randn(vocab, dim, device=device) / dim ** 0.25).to(dtype)   # logits of a few units
+    targets = torch.randint(0, vocab, (n,), device=device)
+    targets[torch.randperm(n, device=device)[:n_ignored]] = IGNORE
+    return h, weight, targets
+
+
+def float64_oracle(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0):
+    h64, w64 = h.double().requires_grad_(), weight.double().requires_grad_()
+    loss = F.cross_entropy(h64 @ w64.T, targets, ignore_index=IGNORE, label_smoothing=label_smoothing)
+    loss.backward()
+    return loss, h64.grad, w64.grad
+
+
+# (tokens, dim, vocab, chunk_size): one token with the default chunk; an odd token count over chunks of 8 (the last
+# one partial) with a vocabulary that is not a power of two.
+PROBLEMS = [(1, 24, 1000, None), (37, 24, 1000, 8)]
+
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("problem", PROBLEMS, ids=str)
+def test_matches_float64(problem: tuple, dtype: torch.dtype, step: str):
+    n, dim, vocab, chunk_size = problem
+    h, weight, targets = random_problem(n, dim, vocab, dtype, n_ignored=n // 6)
+    loss, (dh, dweight) = forward_backward(
+        lambda a, w: linear_cross_entropy_fused(a, w, targets, IGNORE, chunk_size=chunk_size, use_triton=STEPS[step]),
+        [h, weight])
+    loss64, dh64, dweight64 = float64_oracle(h, weight, targets)
+    assert_close(loss, loss64, dtype, "loss")
+    assert_close(dh, dh64, dtype, "dh")
+    assert_close(dweight, dweight64, dtype, "dweight")
+    assert dh.dtype == dweight.dtype == dtype
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_label_smoothing(step: str):
+    h, weight, targets = random_problem(29, 16, 300, torch.float32, n_ignored=4)
+    loss, (dh, dweight) = forward_backward(
+        lambda a, w: linear_cross_entropy_fused(a, w, targets, IGNORE, label_smoothing=0.1, chunk_size=8,
+                                                use_triton=STEPS[step]), [h, weight])
+    loss64, dh64, dweight64 = float64_oracle(h, weight, targets, label_smoothing=0.1)
+    assert_close(loss, loss64, torch.float32, "loss")
+    assert_close(dh, dh64, torch.float32, "dh")
+    assert_close(dweight, dweight64, torch.float32, "dweight")
+
+
+def test_vocabulary_wider_than_one_kernel_block():
+    # 17000 words > the kernel's 16384-word block: both passes loop, the online softmax merges two blocks.
+    h, weight, targets = random_problem(3, 8, 17000, torch.float32)
+    loss, (dh, dweight) = forward_backward(
+        lambda a, w: linear_cross_entropy_fused(a, w, targets, IGNORE, use_triton=True), [h, weight])
+    loss64, dh64, dweight64 = float64_oracle(h, weight, targets)
+    assert_close(loss, loss64, torch.float32, "loss")
+    assert_close(dh, dh64, torch.float32, "dh")
+    assert_close(dweight, dweight64, torch.float32, "dweight")
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_frozen_head_and_evaluation(step: str):
+    h, weight, targets = random_problem(11, 16, 200, torch.float32, n_ignored=2)
+    loss64, dh64, _ = float64_oracle(h, weight, targets)
+    # A frozen output head (LoRA): only d h is computed.
+    loss, (dh, dweight) = forward_backward(
+        lambda a, w: linear_cross_entropy_fused(a, w, targets, IGNORE, chunk_size=4, use_triton=STEPS[step]),
+        [h, weight], differentiable=[True, False])
+    assert dweight is None
+    assert_close(dh, dh64, torch.float32, "dh")
+    # Perplexity evaluation: no gradient wanted, the loss alone.
+    with torch.no_grad():
+        assert_close(linear_cross_entropy_fused(h, weight, targets, IGNORE, chunk_size=4, use_triton=STEPS[step]),
+                     loss64, torch.float32, "loss under no_grad")
+
+
+def test_every_token_ignored_behaves_like_pytorch():
+    h, weight, targets = random_problem(5, 8, 50, torch.float32, n_ignored=5)
+    loss, (dh, dweight) = forward_backward(
+        lambda a, w: linear_cross_entropy_fused(a, w, targets, IGNORE, use_triton=True), [h, weight])
+    ref, (dh_ref, dweight_ref) = forward_backward(
+        lambda a, w: linear_cross_entropy_reference(a, w, targets, IGNORE), [h, weight])
+    assert loss.isnan() and ref.isnan()     # 0 / 0 kept tokens
+    assert torch.equal(dh, dh_ref) and torch.equal(dweight, dweight_ref)
+
+
+def test_target_outside_vocabulary_is_rejected():
+    h, weight, targets = random_problem(6, 8, 50, torch.float32)
+    targets[4] = 50
+    with pytest.raises(ValueError, match=r"targets\[4\] = 50"):
+        linear_cross_entropy_fused(h, weight, targets, IGNORE)
+
+
+def test_peak_memory_does_not_grow_with_vocabulary_like_unfused():
+    # Many tokens, a narrow model: the unfused [N, V] logits (and their gradient) dominate its memory. The fused
+    # path's vocabulary-wide buffers are weight-sized ([V, D] gradients) and one [C, V] chunk, which the default
+    # chunk size keeps within twice the size of h. Measured on the CPU allocator, whatever device the others use.
+    n, dim, vocab_small, vocab_large = 2048, 64, 1000, 8000
+
+    def peak(fn, vocab: int) -> int:
+        h, weight, targets = random_problem(n, dim, vocab, torch.float32, device="cpu")
+        h.requires_grad_(), weight.requires_grad_()
+        return peak_allocated_bytes(lambda: fn(h, weight, targets).backward())
+
+    extra_vocab = vocab_large - vocab_small
+    logits_growth = n * extra_vocab * 4                        # bytes of one more float32 [N, V] buffer
+    weight_growth, h_bytes = extra_vocab * dim * 4, n * dim * 4
+    unfused = peak(linear_cross_entropy_reference, vocab_large) - peak(linear_cross_entropy_reference, vocab_small)
+    fused = peak(linear_cross_entropy_fused, vocab_large) - peak(linear_cross_entropy_fused, vocab_small)
+    report = f"peak grew by {fused / 2**20:.1f} MiB fused, {unfused / 2**20:.1f} MiB unfused"
+    assert unfused >= logits_growth, report
+    # At most a few weight-sized gradients (float32 accumulator, result, a matmul's output) and chunks.
+    assert fused <= 4 * weight_growth + 4 * h_bytes, report

@@ -1,0 +1,132 @@
+"""train.py end to end on a tiny model: resume after kill -9 reproduces the losses bitwise, DDP equals one process,
+a non-finite loss stops the run and keeps the last good checkpoint."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model.args import ModelArgs
+from model.transformer import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("język polski należy do grupy zachodniosłowiańskich posługuje się nim około milionów ludzi głównie w "
+         "Polsce stolicą jest Warszawa położona nad Wisłą katalog plik polecenie wyświetla zawartość opcja "
+         "program użytkownik system zażółć gęślą jaźń źródło łańcuch znaków").split()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, mistral_tokenizer_path):
+    """A tiny Mistral-layout checkpoint with the real Mistral tokenizer, and a few hundred lines of Polish words."""
+    root = tmp_path_factory.mktemp("train")
+    ckpt = root / "tiny"
+    ckpt.mkdir()
+    args = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=32000,
+                     sliding_window=16)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    torch.save(model.state_dict(), ckpt / "consolidated.00.pth")
+    (ckpt / "params.json").write_text(json.dumps(args.to_params_json()))
+    shutil.copy(mistral_tokenizer_path, ckpt / "tokenizer.model")
+    rng = random.Random(0)
+    for name, n in (("train.jsonl", 60), ("eval.jsonl", 6)):
+        with open(root / name, "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80)))}) + "\n")
+    return root
+
+
+def common(workdir, out, *extra):
+    return ["--model", str(workdir / "tiny"), "--data", str(workdir / "train.jsonl"),
+            "--eval-data", str(workdir / "eval.jsonl"), "--out", str(out), "--seq-len", "32", "--micro-batch", "2",
+            "--grad-accum", "2", "--steps", "8", "--warmup", "2", "--lr", "1e-2", "--lora-r", "4",
+            "--lora-alpha", "8", "--save-interval", "1", "--eval-max-tokens", "400", "--eval-ctx", "64",
+            "--eval-stride", "32", "--device", "cpu", *extra]
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def env(workdir):
+    return {**os.environ, "MINICURIE_CACHE": str(workdir / "cache"), "PYTHONPATH": str(ROOT)}
+
+
+def test_full_run_writes_the_run_folder_and_lowers_perplexity(workdir, monkeypatch):
+    monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
+    out = workdir / "full"
+    result = train.main(common(workdir, out))
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "loss.svg").read_text().startswith("<svg")
+    assert len(losses(out)) == 8
+    assert result["after"]["perplexity"] < result["before"]["perplexity"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["perplexity_drop"] == pytest.approx(result["perplexity_drop"])
+
+
+def test_kill_9_and_resume_reproduces_losses_bitwise(workdir, monkeypatch):
+    monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
+    reference = workdir / "reference"
+    train.main(common(workdir, reference, "--no-eval"))
+    out = workdir / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common(workdir, out, "--no-eval")],
+                            env=env(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill it mid-run, once a few steps are checkpointed
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    train.main(common(workdir, out, "--no-eval", "--resume"))
+    assert losses(out) == losses(reference)  # bitwise: same floats, same order
+
+
+def test_existing_run_is_not_overwritten_by_accident(workdir, monkeypatch):
+    monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
+    out = workdir / "twice"
+    train.main(common(workdir, out, "--no-eval", "--steps", "2"))
+    with pytest.raises(SystemExit, match="--resume"):
+        train.main(common(workdir, out, "--no-eval", "--steps", "2"))
+
+
+def test_ddp_two_processes_equal_one_process(workdir, monkeypatch):
+    monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
+    single = workdir / "single"
+    base = common(workdir, single, "--no-eval", "--lora-dropout", "0", "--steps", "4")
+    train.main(base)
+    ddp = workdir / "ddp"
+    args = common(workdir, ddp, "--no-eval", "--lora-dropout", "0", "--steps", "4")
+    args[args.index("--grad-accum") + 1] = "1"  # 2 processes x 1 micro-batch = 1 process x 2 accumulated
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                    str(ROOT / "train.py"), *args], env=env(workdir), check=True, timeout=300,
+                   stdout=subprocess.DEVNULL)
+    assert losses(ddp) == pytest.approx(losses(single), abs=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch):
+    monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
+    out = workdir / "nan"
+    real = train.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):  # the 9th micro-batch (step 5) returns NaN
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 9 else loss
+
+    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    with pytest.raises(train.training.NonFiniteLoss, match="step 5"):
+        train.main(common(workdir, out, "--no-eval"))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt["trainable"].values())
