@@ -171,8 +171,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, PerplexityResult]]:
     texts = [t for spec in args.data for t in read_documents(spec)]
     rows = []
     for name, adapter in args.models:
-        model, tokenizer = load(name, device=args.device, dtype=DTYPES[args.dtype],
-                                transform=_quantizer(args.quantize))
+        model, tokenizer = load(name, device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize)
         label = str(name)
         if adapter:
             from lora import load_adapter
@@ -189,13 +188,6 @@ def main(argv: list[str] | None = None) -> list[tuple[str, PerplexityResult]]:
         tmp.write_text(json.dumps(payload, indent=2))
         tmp.replace(args.json)
     return rows
-
-
-def _quantizer(kind: str | None):
-    if kind is None:
-        return None
-    from model.loading import quantize_nf4_on_load
-    return quantize_nf4_on_load
 
 
 if __name__ == "__main__":

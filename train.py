@@ -157,11 +157,7 @@ def setup_distributed(device: str) -> tuple[int, int, str]:
 def build_model(args, device: str):
     from lora import LoRAConfig, inject_lora, parameter_summary
     from model import load
-    transform = None
-    if args.quantize == "nf4":
-        from model.loading import quantize_nf4_on_load
-        transform = quantize_nf4_on_load
-    model, tokenizer = load(args.model, device=device, dtype=DTYPES[args.dtype], transform=transform)
+    model, tokenizer = load(args.model, device=device, dtype=DTYPES[args.dtype], quantize=args.quantize)
     cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                      targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
                      rslora=args.rslora)

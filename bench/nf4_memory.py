@@ -7,7 +7,7 @@ precision. The embeddings, the final norm and the head stay in bf16, as in QLoRA
     weights   bytes of every parameter and buffer of the finished model (a tied tensor counted once)
     peak RSS  the process's resident high-water mark (VmHWM in /proc/self/status), torch itself included
 
-    python bench/nf4_memory.py                            # Mistral-7B shape, ~15 min on 2 busy cores
+    python bench/nf4_memory.py                            # Mistral-7B shape, ~12 min on 2 busy cores
     python bench/nf4_memory.py --preset smollm2-135m      # seconds
 """
 from __future__ import annotations

@@ -280,7 +280,8 @@ def finetune(head: SequenceHead, tokenizer, task: Task, data: TaskData, run_dir:
     steps_per_epoch = math.ceil(len(train_ids) / cfg.batch_size)
     total = epochs * steps_per_epoch
     warmup = math.ceil(cfg.warmup * total)
-    eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+    # Dev evaluations spread evenly over each epoch, the last one at its end: e.g. after steps 12 and 23 of 23.
+    eval_points = {math.ceil(k * steps_per_epoch / cfg.evals_per_epoch) for k in range(1, cfg.evals_per_epoch + 1)}
 
     params = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -297,7 +298,8 @@ def finetune(head: SequenceHead, tokenizer, task: Task, data: TaskData, run_dir:
 
     n_train = sum(p.numel() for p in params)
     log(f"{task.name}: {len(train_ids)} train / {len(data.dev)} dev examples, {epochs} epoch(s) of "
-        f"{steps_per_epoch} steps, warm-up {warmup}, dev every {eval_every} steps; {n_train:,} trainable parameters")
+        f"{steps_per_epoch} steps, warm-up {warmup}, {len(eval_points)} dev evaluation(s) per epoch; "
+        f"{n_train:,} trainable parameters")
     head.train()
     started = time.perf_counter() - state["seconds"]
     bar = tqdm(total=total, initial=step, desc=task.name, unit="step", disable=not progress)
@@ -321,7 +323,7 @@ def finetune(head: SequenceHead, tokenizer, task: Task, data: TaskData, run_dir:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", best=state["best"])
 
-        if step % eval_every == 0 or batch == 0 or step == total:
+        if (batch or steps_per_epoch) in eval_points:         # batch == 0: an epoch has just ended
             dev = evaluate(head, tokenizer, task, data.dev, cfg, weights_np)
             score = dev[task.metric]
             if _better(score, state["best"]):

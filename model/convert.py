@@ -110,7 +110,3 @@ def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows, cols = w.shape
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
-
-def is_linear(module_name: str) -> bool:
-    """True for the seven projections of a block ('layers.3.attention.wq', 'layers.0.feed_forward.w2', ...)."""
-    return module_name.rpartition(".")[2] in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")

@@ -180,11 +180,18 @@ def build_model(args: ModelArgs, tensors: TensorStream, device="cpu", dtype=torc
 
 
 def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         require_tokenizer: bool = True, transform=None):
+         require_tokenizer: bool = True, quantize: str | None = None, transform=None):
     """-> (Transformer in eval mode, tokenizer). `source`: a checkpoint folder, a .gguf file or a named source.
 
-    With require_tokenizer=False a checkpoint without a tokenizer loads too, and the tokenizer returned is None.
+    quantize="nf4" holds every linear layer of the blocks in 4-bit NormalFloat, quantised tensor by tensor as it is
+    read (QLoRA's base; see model/nf4.py). With require_tokenizer=False a checkpoint without a tokenizer loads too,
+    and the tokenizer returned is None.
     """
+    if quantize is not None:
+        if quantize != "nf4":
+            raise ValueError(f"unknown quantize={quantize!r}; the one supported is 'nf4'")
+        from model.nf4 import quantize_while_loading
+        transform = quantize_while_loading()
     from model import sources
     if isinstance(source, str) and sources.is_named_source(source):
         source = sources.resolve(source)
@@ -215,15 +222,3 @@ def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
             tokenizer = load_tokenizer(path)
     return model.eval(), tokenizer
 
-
-def quantize_nf4_on_load(model: Transformer, name: str, tensor: torch.Tensor) -> bool:
-    """A `transform` for build_model/load: each linear weight of the blocks becomes a 4-bit NF4 layer the moment it
-    is read, so the full-precision model never exists in RAM as a whole (QLoRA's base). Embeddings, norms and
-    the output head stay in the load dtype, as in QLoRA."""
-    module_name, _, leaf = name.rpartition(".")
-    if not (name.startswith("layers.") and leaf == "weight" and convert.is_linear(module_name)):
-        return False
-    from model.nf4 import NF4Linear
-    parent_name, _, child = module_name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, NF4Linear.from_weight(tensor))
-    return True

@@ -195,7 +195,7 @@ def dequantize(q: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor
     if _switch.use_triton(q.packed):
         nf4, _, dynamic, _ = _tables(q.packed.device)
         flat = nf4_kernels.dequantize_nf4(q.packed, q.scale_codes, q.scale_absmax, q.scale_offset, nf4, dynamic,
-                                          q.shape.numel(), dtype)
+                                          q.shape.numel(), dtype, BLOCK_SIZE, SCALE_BLOCK_SIZE)
         return flat.view(q.shape)
     return dequantize_reference(q, dtype)
 

@@ -8,8 +8,6 @@
     NF4Linear        forward and backward against float64; nothing weight-sized saved for the backward;
                      LoRA on top; whole-model quantisation and quantise-while-loading
 """
-import math
-
 import pytest
 import torch
 import torch.nn as nn
@@ -237,7 +235,7 @@ def test_triton_dequantisation_equals_reference(shape, dtype):
     q = nf4.quantize(torch.randn(shape, device=device))
     nf4_table, _, dynamic, _ = nf4._tables(q.packed.device)
     got = nf4_kernels.dequantize_nf4(q.packed, q.scale_codes, q.scale_absmax, q.scale_offset, nf4_table, dynamic,
-                                     q.shape.numel(), dtype)
+                                     q.shape.numel(), dtype, nf4.BLOCK_SIZE, nf4.SCALE_BLOCK_SIZE)
     want = nf4.dequantize_reference(q, dtype)
     assert got.dtype == dtype
     assert torch.equal(got.view(shape), want)  # same float32 operations in the same order, one rounding to dtype

@@ -21,12 +21,13 @@ import torch.nn.functional as F
 
 from model.kernels._switch import use_kernels, use_triton
 from model.kernels.cross_entropy import linear_cross_entropy_fused
+from model.kernels.flash_attention import attention_reference, causal_window_mask
 from model.kernels.flash_attention import flash_attention as flash_attention_triton
 from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 from model.kernels.rope import apply_rope_reference, apply_rope_triton
 from model.kernels.swiglu import swiglu_reference, swiglu_triton
 
-__all__ = ["rms_norm", "apply_rope", "swiglu", "attention", "linear_cross_entropy", "sliding_window_mask",
+__all__ = ["rms_norm", "apply_rope", "swiglu", "attention", "linear_cross_entropy", "causal_window_mask",
            "attention_reference", "use_kernels"]
 
 
@@ -48,30 +49,16 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return swiglu_reference(gate, up)
 
 
-def sliding_window_mask(t_q: int, t_k: int, window: int | None, device=None, offset: int = 0) -> torch.Tensor:
-    """Boolean [t_q, t_k] mask, True where query i (at position offset + i) may see key j."""
-    i = torch.arange(t_q, device=device)[:, None] + offset
-    j = torch.arange(t_k, device=device)[None, :]
-    keep = j <= i
-    if window is not None:
-        keep &= j > i - window
-    return keep
-
-
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        sliding_window: int | None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    if use_triton(q, k, v):
+        return flash_attention_triton(q, k, v, sliding_window)
+    # Elsewhere PyTorch's fused attention, with the mask that attention_reference spells out.
     t = q.shape[-2]
     gqa = q.shape[1] != k.shape[1]
     if sliding_window is None or sliding_window >= t:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    mask = sliding_window_mask(t, t, sliding_window, device=q.device)
+    mask = causal_window_mask(t, sliding_window, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    if use_triton(q, k, v):
-        return flash_attention_triton(q, k, v, sliding_window)
-    return attention_reference(q, k, v, sliding_window)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

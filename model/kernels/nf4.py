@@ -8,7 +8,7 @@ Dequantisation (model/nf4.py has the format and the plain-PyTorch reference) is,
 
 Both levels are fused into one pass: each program reads BLOCK weights' worth of bytes and scale codes (about
 0.52 bytes per weight) and writes BLOCK weights, so the kernel runs at the speed of writing the output. The matmul
-that follows is cuBLAS's (torch.matmul): for training batches of thousands of tokens a fused dequant-matmul saves
+that follows is cuBLAS's (F.linear): for training batches of thousands of tokens a fused dequant-matmul saves
 little next to the GEMM itself, and this keeps the kernel small enough to read.
 
 `frozen_linear` is the autograd wrapper. The base weight is frozen, so the backward needs only grad_x = grad_y @ W;
@@ -24,8 +24,6 @@ import torch.nn.functional as F
 
 from model.kernels._switch import jit, tl, triton
 
-BLOCK_SIZE = 64          # weights per absmax (model/nf4.py's layout)
-SCALE_BLOCK_SIZE = 256   # absmax values per second-level scale
 # Weights per program: large enough that a program is a sizeable memory transaction on a GPU, and that the
 # interpreter (which pays ~1 ms per program on the CPU) runs the tests quickly.
 PROGRAM_SIZE = 1024
@@ -50,15 +48,16 @@ def _dequantize_nf4_kernel(packed_ptr, scale_codes_ptr, scale_absmax_ptr, scale_
 
 def dequantize_nf4(packed: torch.Tensor, scale_codes: torch.Tensor, scale_absmax: torch.Tensor,
                    scale_offset: torch.Tensor, nf4: torch.Tensor, dynamic: torch.Tensor, n: int,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """The flat weights [n] in `dtype` from an NF4 tensor's parts (see model/nf4.NF4Weight) and the two codebooks
-    NF4 [16] and DYNAMIC [256] (float32), all on one device: CUDA, or the CPU under TRITON_INTERPRET=1."""
+                   dtype: torch.dtype, block_size: int, scale_block_size: int) -> torch.Tensor:
+    """The flat weights [n] in `dtype` from an NF4 tensor's parts (see model/nf4.NF4Weight), the two codebooks
+    NF4 [16] and DYNAMIC [256] (float32) and the two block sizes (64 weights per absmax, 256 absmax per
+    second-level scale), all on one device: CUDA, or the CPU under TRITON_INTERPRET=1."""
     if n >= 2**31:  # the kernel indexes in int32; Mistral-7B's largest tensor, the head, has 1.3e8 elements
         raise ValueError(f"dequantize_nf4: {n} elements is more than the kernel's int32 indexing allows")
     out = torch.empty(n, dtype=dtype, device=packed.device)
     grid = (triton.cdiv(n, PROGRAM_SIZE),)
     _dequantize_nf4_kernel[grid](packed, scale_codes, scale_absmax, scale_offset, nf4, dynamic, out, n,
-                                 BLOCK=PROGRAM_SIZE, QBLOCK=BLOCK_SIZE, SCALE_GROUP=SCALE_BLOCK_SIZE,
+                                 BLOCK=PROGRAM_SIZE, QBLOCK=block_size, SCALE_GROUP=scale_block_size,
                                  enable_fp_fusion=False)
     return out
 

@@ -1,0 +1,139 @@
+"""Issue 2: greedy generation and prefill speed of our decoder against transformers, on the real SmolLM2-135M.
+
+    python bench/generate.py              # ~3 minutes on a busy 2-core machine
+    python bench/generate.py --quick      # smoke run: short prompt, few tokens, one run
+    python bench/generate.py --profile    # also print where each side's time goes (torch.profiler)
+
+Both sides load the same GGUF file (`model.sources.resolve("smollm2-135m")`, Q4_1 weights dequantised) in float32
+and read the same Polish prompt, tokenised once by our tokenizer. Measured, alternating ours and theirs:
+
+  greedy generation   new tokens / seconds of one whole call: ours `model.generate` (chunked prefill of the prompt,
+                      then one token at a time through the rolling KV cache), theirs `generate(do_sample=False)`
+                      with min_new_tokens = max_new_tokens, so both produce exactly the same number of tokens (the
+                      two token sequences are also compared: greedy decoding must agree)
+  prefill             prompt tokens / seconds of one forward over the prompt. The target row pits ours
+                      `model.prefill` (what generation runs: logits of the last position only) against theirs
+                      `model(tokens)` (logits of every position); the two like-for-like rows below it compare
+                      last-position logits with last-position logits (their `logits_to_keep=1`) and all with all
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+# `python bench/X.py` puts bench/ first on sys.path, where bench/kernels.py would shadow the `kernels` package that
+# transformers and peft try to import: put the repo root there instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.common import (alternate, load_average, machine_summary, markdown_table, median, profile_table,  # noqa: E402
+                          set_threads, verdict)
+
+GENERATE_TARGET, PREFILL_TARGET = 2.0, 1.2
+
+
+def polish_prompt(tokenizer, n_tokens: int) -> list[int]:
+    """The first n_tokens of the Polish test split ([BOS] + text), the same ids for both sides."""
+    from data.documents import read_documents
+    ids: list[int] = [tokenizer.bos_id]
+    for text in read_documents("test"):
+        ids += tokenizer.encode(text, bos=False)
+        if len(ids) >= n_tokens:
+            return ids[:n_tokens]
+    raise ValueError(f"the test split holds fewer than {n_tokens} tokens")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 16-token prompt, 8 new tokens, 1 run")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for both sides (default 1: on a shared machine extra threads wait on each "
+                        "other and both sides slow down several-fold)")
+    p.add_argument("--runs", type=int, default=None, help="timed runs per side (default 5; --quick 1)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of each side")
+    args = p.parse_args()
+    prompt_len, new_tokens, prefill_len = (16, 8, 64) if args.quick else (64, 64, 512)
+    runs = args.runs or (1 if args.quick else 5)
+    threads = set_threads(args.threads)
+
+    import transformers
+
+    from model import generate, load
+    from model.sources import resolve
+    gguf = resolve("smollm2-135m")
+    ours, tokenizer = load(gguf, dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                dtype=torch.float32).eval()
+    print(f"machine: {machine_summary(threads)}")
+    print(f"transformers {transformers.__version__}, attention '{theirs.config._attn_implementation}'; "
+          f"{runs} timed runs per side, alternated, medians reported\n")
+
+    prompt = polish_prompt(tokenizer, prompt_len)
+    prompt_tensor = torch.tensor([prompt])
+    long_prompt = torch.tensor([polish_prompt(tokenizer, prefill_len)])
+
+    def ours_generate() -> list[int]:
+        return list(generate(ours, prompt, new_tokens))
+
+    @torch.no_grad()
+    def theirs_generate() -> list[int]:
+        out = theirs.generate(prompt_tensor, attention_mask=torch.ones_like(prompt_tensor), do_sample=False,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              pad_token_id=tokenizer.eos_id)
+        return out[0, len(prompt):].tolist()
+
+    same = ours_generate() == theirs_generate()  # also the warm-up round of the generation timing
+    decode = alternate({"ours": ours_generate, "theirs": theirs_generate}, runs, warmup=0)
+
+    @torch.no_grad()
+    def ours_prefill() -> torch.Tensor:
+        return ours.prefill(long_prompt, ours.make_cache(1, max_tokens=prefill_len))
+
+    @torch.no_grad()
+    def ours_all_logits() -> torch.Tensor:
+        return ours(long_prompt)
+
+    @torch.no_grad()
+    def theirs_last_logits() -> torch.Tensor:
+        return theirs(long_prompt, logits_to_keep=1).logits
+
+    @torch.no_grad()
+    def theirs_all_logits() -> torch.Tensor:
+        return theirs(long_prompt).logits
+
+    prefill = alternate({"ours prefill": ours_prefill, "theirs all": theirs_all_logits,
+                         "ours all": ours_all_logits, "theirs last": theirs_last_logits}, runs)
+
+    def rate(tokens: int, seconds: list[float]) -> float:
+        return tokens / median(seconds)
+
+    rows = []
+
+    def add(name: str, tokens: int, mine: list[float], other: list[float], target: float | None) -> None:
+        a, b = rate(tokens, mine), rate(tokens, other)
+        rows.append([name, f"{a:.1f}", f"{b:.1f}", f"{a / b:.2f}x",
+                     f">= {target}x" if target else "-", verdict(a / b, target) if target else "-"])
+
+    add(f"greedy generation, {prompt_len}-token prompt + {new_tokens} new (new tok/s)", new_tokens,
+        decode["ours"], decode["theirs"], GENERATE_TARGET)
+    add(f"prefill {prefill_len} tokens: ours `prefill` (last logits) vs theirs `model(tokens)` (all logits)",
+        prefill_len, prefill["ours prefill"], prefill["theirs all"], PREFILL_TARGET)
+    add(f"prefill {prefill_len} tokens, last-position logits on both sides", prefill_len,
+        prefill["ours prefill"], prefill["theirs last"], None)
+    add(f"forward {prefill_len} tokens, all logits on both sides", prefill_len,
+        prefill["ours all"], prefill["theirs all"], None)
+    print(markdown_table(["measurement (tokens/s, median)", "ours", "transformers", "ours / theirs", "target",
+                          "verdict"], rows))
+    print(f"\ngreedy tokens identical: {'yes' if same else 'NO'}; load average at the end: {load_average()}")
+
+    if args.profile:
+        for name, fn in (("ours, greedy generation", ours_generate), ("transformers, greedy generation",
+                                                                      theirs_generate),
+                         ("ours, prefill", ours_prefill), ("transformers, forward", theirs_all_logits)):
+            print(f"\n### {name}\n{profile_table(fn)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Issue 2: peak RAM while `model.load` reads a checkpoint, against the model's own size (target <= 1.3x).
+
+    python bench/load_memory.py            # ~1.3 GB bf16 model, three checkpoints (~5.4 GB of temporary files)
+    python bench/load_memory.py --quick    # a few-MB model: checks the script, its ratios mean little
+
+A Mistral-shaped model (dim 2048, 12 layers, 16 query / 4 KV heads of 128, hidden 5632, vocab 32000: 672 M
+parameters, 1.34 GB in bf16; big enough that the model, not the interpreter, dominates) is written three ways with
+random weights, each in the layout the loader reads:
+
+  hf-bf16        Hugging Face's sharded layout, bf16: model-0000i-of-00003.safetensors + index + config.json
+  mistral-bf16   Mistral's own layout, bf16: params.json + consolidated.safetensors (one file, our names)
+  hf-fp32        the sharded layout in float32, loaded into bf16: each tensor is converted as it is read
+
+Each load runs in a fresh child process (`--child`): it imports everything, resets Linux's resident high-water
+mark (VmHWM), records its RSS as the baseline, calls `model.load(folder, dtype=torch.bfloat16,
+require_tokenizer=False)`, then reads every weight once (a sum per tensor, which copies nothing). A bf16 tensor
+of a bf16 file is a view into the memory-mapped file, so its pages become resident only when first read; the
+second reading is what a first forward pass would cost. Reported: VmHWM minus the baseline after load() and after
+that first read, against the model's bytes in bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# `python bench/X.py` puts bench/ first on sys.path, where bench/kernels.py would shadow the `kernels` package that
+# transformers and peft try to import: put the repo root there instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.common import (MB, load_average, machine_summary, markdown_table, peak_rss, report_to_parent,  # noqa: E402
+                          reset_peak_rss, run_child, verdict)
+from model import convert  # noqa: E402
+from model.args import ModelArgs  # noqa: E402
+from model.safetensors import save_file  # noqa: E402
+from model.transformer import Transformer  # noqa: E402
+from training import atomic_write_text  # noqa: E402
+
+TARGET = 1.3
+SHARDS = 3  # Mistral-7B's and Llama-2-7B's Hugging Face repositories ship theirs in 2-3 shards
+FULL = ModelArgs(dim=2048, n_layers=12, head_dim=128, hidden_dim=5632, n_heads=16, n_kv_heads=4, norm_eps=1e-5,
+                 vocab_size=32000, sliding_window=4096)
+QUICK = ModelArgs(dim=256, n_layers=2, head_dim=64, hidden_dim=704, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
+                  vocab_size=4000, sliding_window=4096)
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# ------------------------------------------------------------------------------------------ writing checkpoints
+
+def weight_shapes(args: ModelArgs) -> dict[str, torch.Size]:
+    """Our name -> shape of every weight, in model order (read off a model on the meta device: no memory)."""
+    with torch.device("meta"):
+        return {name: t.shape for name, t in Transformer(args).state_dict().items()}
+
+
+def random_weight(name: str, shape: torch.Size, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Matrices ~ N(0, 0.02^2), norm gains ~ N(1, 0.02^2). The q/k rows are random anyway, so no RoPE permutation
+    is applied for the Hugging Face layout (the loader still applies its inverse, at its usual cost)."""
+    mean = 1.0 if name.endswith("norm.weight") else 0.0
+    return torch.empty(shape, dtype=dtype).normal_(mean, 0.02, generator=generator)
+
+
+def write_hf_sharded(args: ModelArgs, folder: Path, dtype: torch.dtype) -> None:
+    """config.json + SHARDS safetensors files (Hugging Face names) + model.safetensors.index.json. Each shard is
+    made and written on its own, so the writer never holds more than one."""
+    folder.mkdir(parents=True)
+    shapes = weight_shapes(args)
+    total = sum(shape.numel() for shape in shapes.values()) * dtype.itemsize
+    # A tensor's shard: where its first byte falls when the model's bytes are cut into SHARDS equal parts.
+    shard_of, offset = {}, 0
+    for name, shape in shapes.items():
+        shard_of[name] = offset * SHARDS // total
+        offset += shape.numel() * dtype.itemsize
+    files = [f"model-{i + 1:05d}-of-{SHARDS:05d}.safetensors" for i in range(SHARDS)]
+    generator = torch.Generator().manual_seed(0)
+    for i, file in enumerate(files):
+        shard = {convert.to_hf_name(name): random_weight(name, shape, dtype, generator)
+                 for name, shape in shapes.items() if shard_of[name] == i}
+        save_file(shard, folder / file, metadata={"format": "pt"})
+        del shard
+    weight_map = {convert.to_hf_name(name): files[shard_of[name]] for name in shapes}
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    config = args.to_hf_config() | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    atomic_write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=2))
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2))
+
+
+def write_mistral(args: ModelArgs, folder: Path, dtype: torch.dtype) -> None:
+    """params.json + consolidated.safetensors (our names, one file: the writer holds the whole model once)."""
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    weights = {name: random_weight(name, shape, dtype, generator) for name, shape in weight_shapes(args).items()}
+    save_file(weights, folder / "consolidated.safetensors")
+    atomic_write_text(folder / "params.json", json.dumps(args.to_params_json(), indent=2))
+
+
+# ------------------------------------------------------------------------------------------------ the child
+
+def child(folder: Path, dtype: torch.dtype) -> None:
+    """Load `folder` in this fresh process and report its memory to the parent."""
+    from model.loading import load
+    baseline = reset_peak_rss()
+    start = time.perf_counter()
+    model, _ = load(folder, dtype=dtype, require_tokenizer=False)
+    seconds = time.perf_counter() - start
+    peak_load = peak_rss()
+    # Distinct tensors only (a tied head would be counted twice); a sum reads every page and copies nothing.
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    with torch.no_grad():
+        for t in tensors.values():
+            t.sum()
+    report_to_parent({"baseline": baseline, "peak_load": peak_load, "peak_read": peak_rss(), "seconds": seconds,
+                      "model_bytes": sum(t.nbytes for t in tensors.values()),
+                      "dtypes": sorted({str(t.dtype) for t in tensors.values()})})
+
+
+# ----------------------------------------------------------------------------------------------- the parent
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a tiny model: checks that the script runs")
+    p.add_argument("--dir", type=Path, default=None,
+                   help="where to write the checkpoints (default: a temporary folder, deleted afterwards)")
+    p.add_argument("--child", type=Path, metavar="FOLDER", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        child(a.child, DTYPES[a.dtype])
+        return
+
+    args = QUICK if a.quick else FULL
+    print(f"machine: {machine_summary(torch.get_num_threads())}")
+    print(f"model: dim {args.dim}, {args.n_layers} layers, hidden {args.hidden_dim}, vocab {args.vocab_size}: "
+          f"{args.num_params() / 1e6:.0f} M parameters, {args.num_params() * 2 / MB:.0f} MB in bf16\n")
+    with tempfile.TemporaryDirectory(dir=a.dir, prefix="minicurie-load-memory-") as tmp:
+        cases = [("hf-bf16", write_hf_sharded, torch.bfloat16), ("mistral-bf16", write_mistral, torch.bfloat16),
+                 ("hf-fp32", write_hf_sharded, torch.float32)]
+        rows = []
+        for name, write, file_dtype in cases:
+            folder = Path(tmp) / name
+            start = time.perf_counter()
+            write(args, folder, file_dtype)
+            file_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+            print(f"wrote {name}: {file_bytes / MB:.0f} MB in {time.perf_counter() - start:.0f} s", flush=True)
+            r = run_child(Path(__file__), ["--child", str(folder), "--dtype", "bfloat16"], timeout=900)
+            load_mb, read_mb = (r["peak_load"] - r["baseline"]) / MB, (r["peak_read"] - r["baseline"]) / MB
+            ratio = (r["peak_read"] - r["baseline"]) / r["model_bytes"]
+            rows.append([name, f"{str(file_dtype).removeprefix('torch.')} -> {', '.join(r['dtypes'])}",
+                         f"{file_bytes / MB:.0f}", f"{r['model_bytes'] / MB:.0f}", f"{r['baseline'] / MB:.0f}",
+                         f"{load_mb:.0f}", f"{read_mb:.0f}", f"{ratio:.2f}x", f"<= {TARGET}x",
+                         verdict(ratio, TARGET, higher_is_better=False), f"{r['seconds']:.1f}"])
+            # Drop this checkpoint before writing the next: three of them need not share the disk at once.
+            for f in folder.iterdir():
+                f.unlink()
+    print()
+    print(markdown_table(["checkpoint", "file -> model dtype", "files MB", "model MB", "child baseline MB",
+                          "peak above baseline, load() MB", "peak above baseline, + first read MB",
+                          "peak / model", "target", "verdict", "load() s"], rows))
+    print(f"\nload average at the end: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
