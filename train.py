@@ -224,17 +224,25 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"tokenising training data ({args.data})")
     token_path = cached_token_file(args.data, tokenizer, tokenizer_key=_tokenizer_key(args.model, tokenizer))
     blocks = PackedBlocks(load_tokens(token_path), args.seq_len, args.seed)
-    eval_texts = None if args.no_eval else read_documents(args.eval_data)
+    sharded = args.fsdp and world > 1
+    if sharded and not args.no_eval:
+        say("with --fsdp no process holds whole weights: evaluate the adapter afterwards with eval_ppl.py")
+    eval_texts = None if args.no_eval or sharded else read_documents(args.eval_data)
     val_batch = _validation_batch(args, tokenizer) if args.eval_interval else None
 
     steps = total_steps(args, world)
     global_batch = args.micro_batch * args.grad_accum * world
+    train_model = wrap_distributed(model, args, world, device)  # FSDP swaps in sharded parameters: do it first
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     scheduler = training.make_scheduler(optimizer, args.schedule, args.warmup, steps, args.min_lr_factor)
 
     start_step, before = 0, None
-    if args.resume:
+    if args.resume and args.fsdp and world > 1:
+        ckpt = _load_sharded_checkpoint(ckpt_path, train_model, optimizer, scheduler)
+        start_step, before = ckpt["step"], ckpt["extra"].get("before")
+        say(f"resumed {out} at step {start_step}/{steps}")
+    elif args.resume:
         ckpt = training.load_checkpoint(ckpt_path, model, optimizer, scheduler)
         start_step, before = ckpt["step"], ckpt["extra"].get("before")
         say(f"resumed {out} at step {start_step}/{steps}")
@@ -248,7 +256,6 @@ def main(argv: list[str] | None = None) -> dict:
         say(f"base model: {args.eval_data} perplexity {r.perplexity:.3f} ({r.tokens} tokens, "
             f"{r.bits_per_byte:.4f} bits/byte)")
 
-    train_model = wrap_distributed(model, args, world, device)
     autocast = (torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[args.autocast])
                 if args.autocast else contextlib.nullcontext())
     model.train()
@@ -287,25 +294,31 @@ def main(argv: list[str] | None = None) -> dict:
                   "tokens_per_s": rate}
         if val_batch is not None and (step + 1) % args.eval_interval == 0:
             record["eval_loss"] = _validation_loss(model, val_batch.to(device), autocast)
+        save_now = (step + 1) % args.save_interval == 0 or step + 1 == steps
+        full = _gather_full_state(model, optimizer) if save_now and sharded else {}  # every rank takes part
         if main_process:
             metrics.log(record)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}")
             bar.update(1)
-            if (step + 1) % args.save_interval == 0 or step + 1 == steps:
+            if save_now:
                 training.save_checkpoint(ckpt_path, model, optimizer, scheduler, step + 1, {"step": step + 1},
-                                         extra={"before": before})
+                                         extra={"before": before}, **full)
                 training.loss_curve_svg(metrics.records, out / "loss.svg", f"LAPT of {args.model}")
     bar.close()
     if stop_at < steps:
         say(f"stopped after step {stop_at} as asked; continue with --resume")
         return {"stopped_at": stop_at}
 
+    full = _gather_full_state(model, optimizer) if sharded else {}
     result = {"model": str(args.model), "steps": steps, "tokens": steps * global_batch * args.seq_len,
               "lora": summary, "before": before}
     if main_process:
         model.eval()
         from lora import export_merged_hf, save_adapter, save_peft_adapter
-        save_adapter(model, lora_cfg, out / "adapter")
+        save_adapter(model, lora_cfg, out / "adapter", tensors=full.get("trainable"))
+        if sharded and (args.export_peft or args.export_merged):  # these read whole weights off the model
+            say("with --fsdp, export from the saved adapter: load the base, lora.load_adapter, then export")
+            args.export_peft = args.export_merged = False
         if args.export_peft:
             save_peft_adapter(model, lora_cfg, out / "adapter-peft")
         if args.export_merged:
@@ -323,6 +336,24 @@ def main(argv: list[str] | None = None) -> dict:
     if world > 1:
         dist.destroy_process_group()
     return result
+
+
+def _gather_full_state(model, optimizer) -> dict:
+    """FSDP: whole (unsharded) trainable tensors and optimizer state, gathered with a collective every rank joins."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    return {"trainable": model_state, "optimizer_state": optim_state}
+
+
+def _load_sharded_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    ckpt = training.read_checkpoint(path)
+    set_state_dict(model, optimizer, model_state_dict=ckpt["trainable"], optim_state_dict=ckpt["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    scheduler.load_state_dict(ckpt["scheduler"])
+    training.set_rng_state(ckpt["rng"])
+    return ckpt
 
 
 def _tokenizer_key(model_name, tokenizer) -> str:

@@ -90,11 +90,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, step: int, data_state: dict,
-                    extra: dict | None = None) -> None:
+                    extra: dict | None = None, *, trainable: dict | None = None,
+                    optimizer_state: dict | None = None) -> None:
+    """`trainable` / `optimizer_state` override what is read off model / optimizer (a sharded model passes its
+    gathered full state)."""
     atomic_torch_save({
         "step": step,
-        "trainable": trainable_state_dict(model),
-        "optimizer": optimizer.state_dict(),
+        "trainable": trainable_state_dict(model) if trainable is None else trainable,
+        "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
         "scheduler": scheduler.state_dict(),
         "data": data_state,
         "rng": rng_state(),
@@ -102,15 +105,19 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, step: in
     }, path)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
-    """Restore a checkpoint written by save_checkpoint; returns it (step, data position, extra)."""
+def read_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
+    """Restore a checkpoint written by save_checkpoint; returns it (step, data position, extra)."""
+    ckpt = read_checkpoint(path)
     params = dict(model.named_parameters())
     for name, value in ckpt["trainable"].items():
         if name not in params:

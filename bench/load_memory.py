@@ -116,7 +116,7 @@ def child(folder: Path, dtype: torch.dtype) -> None:
             t.sum()
     report_to_parent({"baseline": baseline, "peak_load": peak_load, "peak_read": peak_rss(), "seconds": seconds,
                       "model_bytes": sum(t.nbytes for t in tensors.values()),
-                      "dtypes": sorted({str(t.dtype) for t in tensors.values()})})
+                      "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})})
 
 
 # ----------------------------------------------------------------------------------------------- the parent

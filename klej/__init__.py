@@ -2,7 +2,7 @@
 
     tasks.py      the nine tasks (columns, labels, metric, epochs) and readers for the files as distributed
     metrics.py    accuracy, binary F1, Spearman, AR's 1 - wMAE/4, in numpy
-    templates.py  an example's fields -> [BOS] text [EOS] ids (pairs joined under Polish field labels)
+    templates.py  an example's fields -> [BOS] text ids (pairs joined under Polish field labels)
     head.py       the decoder as a classifier/regressor: a linear head on the last real token
     finetune.py   Curie's recipe: task LoRA (r=2 on wq, wv), class-weighted loss, early stopping on dev
     submit.py     test_pred_<task>.tsv files and the nine-file submission zip

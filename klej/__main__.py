@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     f.add_argument("--epochs", type=int, help="override the task's epochs (Curie: 1 or 5)")
     f.add_argument("--lr", type=float, default=defaults.lr)
     f.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    f.add_argument("--max-len", type=int, default=defaults.max_len, help="tokens per example, BOS/EOS included")
+    f.add_argument("--max-len", type=int, default=defaults.max_len, help="tokens per example, BOS included")
     f.add_argument("--patience", type=int, default=defaults.patience)
     f.add_argument("--evals-per-epoch", type=int, default=defaults.evals_per_epoch)
     f.add_argument("--seed", type=int, default=defaults.seed)

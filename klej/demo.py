@@ -1,30 +1,30 @@
 """`python -m klej demo`: the whole KLEJ pipeline, offline, on a CPU, in minutes, on a task built from real Polish.
 
 KLEJ's files cannot be fetched here, so the demo makes a task in KLEJ's own format from text every machine can
-get: LibreOffice's Polish help (Debian's libreoffice-help-pl, MPL-2.0). Each paragraph is labelled by the module it
-documents (Writer, the word processor; Math, the formula editor; Chart, the chart editor), and the classifier must
-tell them apart from the paragraph alone:
+get: Debian's Polish fortune cookies (fortunes-pl, GPL-2+). Each fortune is labelled by the file it comes from, and
+the classifier must tell the files apart from the text alone:
 
-    "Ustaw tryb śledzenia konspektu Nawigatora. Ta funkcja dotyczy tylko wpisów..."   -> Writer
-    "Wstawia relację mniejsze lub równe z dwoma symbolami zastępczymi..."           -> Math
-    "Krzywa regresji jest wyświetlana w tym samym kolorze co odpowiadające..."      -> Chart
+    chuck-norris   "Chuck Norris ma 4 metry wzrostu, waży dwie tony, zieje ogniem..."     (jokes)
+    pratchett      "Oczywiście działał on wbrew wszelkim regułom. Jednak Trymon..."       (Discworld quotes)
+    milosc         "Miłość to trud, / Który nie spadnie sam z drzewa..."                  (love poems)
+
+The give-aways a file adds around its text are removed first: Chuck Norris's jokes lose their numbers and
+Pratchett's quotes their indented attribution lines ("Terry Pratchett, ..."), so the label must be read from the
+Polish itself.
 
 Then, exactly as `python -m klej finetune / evaluate / predict` would: fine-tune SmolLM2-135M with the task LoRA and
 a head on the last token, reload the saved run from disk, score dev, predict the test features into
-test_pred_libreoffice-help.tsv, and score those predictions against the held-back test labels, beside the
-majority-class baseline (a third, as the classes are balanced).
+test_pred_fortunes.tsv, and score those predictions against the held-back test labels, beside the majority-class
+baseline (a third, as the classes are balanced).
 
 Two departures from the KLEJ recipe keep it within 15 minutes on two cores, and both are visible in DEMO_CONFIG:
-inputs are cut to 48 tokens (about the first 80 characters, usually the paragraph's first sentence), and the
-learning rate is 1e-3 rather than 1e-4, since the demo takes ~70 optimiser steps where a KLEJ task takes
-thousands. Paragraphs are split by help page (70% of the pages train, 15% dev, 15% test), so no page gives text to
-two splits.
+inputs are cut to 48 tokens (about the first 80 characters), and the learning rate is 1e-3 rather than 1e-4, since
+the demo takes ~70 optimiser steps where a KLEJ task takes thousands.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import re
 import subprocess
 import tempfile
 import time
@@ -39,22 +39,16 @@ from klej.metrics import accuracy
 from klej.submit import prediction_file, write_predictions
 from klej.tasks import Task, load_task, read_split
 
-PACKAGE = "libreoffice-help-pl"
-MODULES = {"swriter": "Writer", "smath": "Math", "schart": "Chart"}    # help folder -> label
-TASK = Task("libreoffice-help", ("sentence",), "target", "accuracy", epochs=3, labels=tuple(MODULES.values()))
-DEMO_CONFIG = ft.FinetuneConfig(lr=1e-3, batch_size=8, max_len=48, epochs=3, evals_per_epoch=2)
+PACKAGE = "fortunes-pl"
+FILES = ("chuck-norris", "pratchett", "milosc")                          # fortune files, also the labels
+TASK = Task("fortunes", ("sentence",), "target", "accuracy", epochs=3, labels=FILES)
+DEMO_CONFIG = ft.FinetuneConfig(lr=1e-3, batch_size=8, max_len=48, evals_per_epoch=2)
 EXAMPLES = {"train": 60, "dev": 15, "test": 30}                         # per class
-PARAGRAPH_CHARS = (80, 400)                                             # shorter: headings; longer: rare tables
+MIN_CHARS = 30
 
 
-def _split_of(page: str) -> str:
-    """A help page's split, from a hash of its path: 15% of the pages test, 15% dev, the rest train."""
-    bucket = int.from_bytes(hashlib.sha256(page.encode()).digest()[:4], "big") % 20
-    return "test" if bucket < 3 else "dev" if bucket < 6 else "train"
-
-
-def download_help(folder: Path, log=print) -> Path:
-    """`apt-get download` + `dpkg -x` the Polish LibreOffice help into folder -> the unpacked root."""
+def download_fortunes(folder: Path, log=print) -> Path:
+    """`apt-get download` + `dpkg -x` the Polish fortunes into folder -> the folder holding the fortune files."""
     def run(*cmd: str) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, cwd=folder, capture_output=True, text=True)
     if run("apt-get", "download", PACKAGE).returncode != 0:
@@ -67,55 +61,62 @@ def download_help(folder: Path, log=print) -> Path:
     result = run("dpkg", "-x", deb.name, "root")
     if result.returncode != 0:
         raise RuntimeError(f"dpkg -x {deb} failed:\n{result.stderr.strip()[-2000:]}")
-    return folder / "root"
+    return folder / "root/usr/share/games/fortunes/pl"
 
 
-def help_paragraphs(root: Path) -> dict[str, list[tuple[str, str]]]:
-    """module -> [(page, paragraph)]: Polish paragraphs of a useful length that occur in that module alone."""
-    from data.langid import is_polish
-    from data.polish import help_html_paragraphs
-    found: dict[str, list[tuple[str, str]]] = {}
-    for module in MODULES:
-        base = root / "usr/share/libreoffice/help/pl/text" / module
-        found[module] = []
-        for page in sorted(base.rglob("*.html")):
-            for paragraph in help_html_paragraphs(page.read_text(encoding="utf-8")):
-                paragraph = " ".join(paragraph.split())    # also removes tabs and newlines, TSV's separators
-                if PARAGRAPH_CHARS[0] <= len(paragraph) <= PARAGRAPH_CHARS[1] and is_polish(paragraph):
-                    found[module].append((page.relative_to(base).as_posix(), paragraph))
-    # A paragraph repeated within or across modules (shared boilerplate) would be an unanswerable or leaked example.
-    counts = Counter(p for items in found.values() for _, p in items)
-    return {m: [(page, p) for page, p in items if counts[p] == 1] for m, items in found.items()}
+def clean_fortune(paragraphs: list[str]) -> str:
+    """One fortune as one line of text: attribution lines (indented, by fortune-file convention) and a leading
+    joke number dropped, whitespace (tabs and newlines included: TSV's separators) collapsed to single spaces."""
+    lines = [line for p in paragraphs for line in p.splitlines() if not re.match(r"(\t| {8})", line)]
+    return re.sub(r"^\d+\.\s*", "", " ".join(" ".join(lines).split()))
+
+
+def fortunes_by_file(folder: Path) -> dict[str, list[str]]:
+    """file -> its cleaned fortunes, keeping those of MIN_CHARS or more that occur in exactly one place."""
+    from data.polish import fortune_entries
+    found = {}
+    for name in FILES:
+        path = folder / name
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: {PACKAGE} has no fortune file {name!r}") from None
+        found[name] = [f for f in map(clean_fortune, fortune_entries(text)) if len(f) >= MIN_CHARS]
+    counts = Counter(f for items in found.values() for f in items)
+    return {name: [f for f in items if counts[f] == 1] for name, items in found.items()}
 
 
 def build_task_files(data_dir: Path, seed: int = 0, log=print) -> Path:
-    """Write klej_libreoffice-help/ (train.tsv, dev.tsv, test_features.tsv, and test.tsv with the labels) unless
-    it is already there; built in a temporary folder and renamed into place when complete."""
+    """Write klej_fortunes/ (train.tsv, dev.tsv, test_features.tsv, and test.tsv with the labels) unless it is
+    already there; built in a temporary folder and renamed into place when complete. Each file gives the same
+    number of fortunes to each split, drawn at random (seeded) without overlap."""
     folder = Path(data_dir) / TASK.folder
     if (folder / "test.tsv").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".build-") as tmp:
-        log(f"demo: downloading {PACKAGE} and extracting paragraphs")
-        paragraphs = help_paragraphs(download_help(Path(tmp), log))
+        log(f"demo: downloading {PACKAGE}")
+        fortunes = fortunes_by_file(download_fortunes(Path(tmp), log))
         rows: dict[str, list[tuple[str, str]]] = {split: [] for split in EXAMPLES}
-        for module, items in paragraphs.items():
+        for name, items in fortunes.items():
+            need = sum(EXAMPLES.values())
+            if len(items) < need:
+                raise RuntimeError(f"{PACKAGE}: only {len(items)} usable fortunes in {name}, need {need}")
+            order = rng.permutation(len(items))
+            start = 0
             for split, n in EXAMPLES.items():
-                pool = [p for page, p in items if _split_of(f"{module}/{page}") == split]
-                if len(pool) < n:
-                    raise RuntimeError(f"{PACKAGE}: only {len(pool)} {split} paragraphs for {module}, need {n}")
-                rows[split] += [(pool[i], MODULES[module]) for i in rng.choice(len(pool), n, replace=False)]
+                rows[split] += [(items[i], name) for i in order[start:start + n]]
+                start += n
         stage = Path(tmp) / "task"
         stage.mkdir()
         for split, items in rows.items():
             items = [items[i] for i in rng.permutation(len(items))]
-            name = "test.tsv" if split == "test" else f"{split}.tsv"
-            _write_tsv(stage / name, ["sentence", "target"], items)
+            _write_tsv(stage / f"{split}.tsv", ["sentence", "target"], items)
             if split == "test":
                 _write_tsv(stage / "test_features.tsv", ["sentence"], [(s,) for s, _ in items])
-        os.replace(stage, folder)
-    log(f"demo: task written to {folder} ({', '.join(f'{len(MODULES) * n} {s}' for s, n in EXAMPLES.items())})")
+        stage.rename(folder)
+    log(f"demo: task written to {folder} ({', '.join(f'{len(FILES) * n} {s}' for s, n in EXAMPLES.items())})")
     return folder
 
 

@@ -66,7 +66,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.1
     lora_targets: tuple[str, ...] = ("wq", "wv")
     batch_size: int = 8
-    max_len: int = 512                 # tokens per example, [BOS] and [EOS] included
+    max_len: int = 512                 # tokens per example, [BOS] included
     epochs: int | None = None          # None: the task's own (1 or 5)
     patience: int = 3                  # dev evaluations without a new best before stopping
     evals_per_epoch: int = 4
@@ -168,7 +168,8 @@ def _strata(task: Task, y: torch.Tensor) -> torch.Tensor:
     return torch.round(y).long() if task.is_regression else y
 
 
-def loss_terms(task: Task, out: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_terms(task: Task, out: torch.Tensor, y: torch.Tensor,
+               weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (sum of weighted per-example losses, sum of their weights); the loss is their ratio, so a weighted mean
     over any set of batches (a training batch, the whole dev set) is computed the same way."""
     if task.is_regression:

@@ -6,8 +6,13 @@ each after a Polish field label, so the decoder can tell where one ends and the 
     Zdanie A: Chłopiec w czerwonej koszulce gra w piłkę.
     Zdanie B: Dziecko gra w piłkę.
 
-Every input is framed as [BOS] text [EOS]. The classifier reads the hidden state of the last token (klej/head.py),
-which is then always the EOS: a token that has attended to the whole input, at a position truncation never cuts.
+Every input starts with [BOS], as in pre-training, and ends with its own last token: the classifier reads the
+hidden state there (klej/head.py), the one position that has attended to the whole input and whose state the
+language model built to predict what comes next, i.e. a summary of the text so far. (An [EOS] appended to every
+input would make the pooled token the same for all inputs, and its state mostly "a new document starts here":
+in our probes on SmolLM2 it classified worse than the last text token.) Hugging Face's sequence classifiers pool
+the same position for Mistral, whose tokenizer adds [BOS] but no [EOS].
+
 Too-long inputs are cut longest-first, from the end of the longest field (PSC's extracts run to hundreds of tokens,
 its summaries are short), and each field keeps its label, which starts it.
 """
@@ -28,7 +33,6 @@ FIELD_LABELS: dict[str, str] = {
 
 class Tokenizer(Protocol):
     bos_id: int
-    eos_id: int
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
 
@@ -70,12 +74,12 @@ def truncate_longest_first(lengths: Sequence[int], budget: int) -> list[int]:
 
 
 def encode_example(columns: Sequence[str], fields: Sequence[str], tokenizer: Tokenizer, max_len: int) -> list[int]:
-    """[BOS] + segments (truncated longest-first to fit) + [EOS], at most max_len ids."""
-    if max_len < 2 + len(columns):
-        raise ValueError(f"max_len={max_len} leaves no room for {len(columns)} field(s) between BOS and EOS")
+    """[BOS] + segments (truncated longest-first to fit), at most max_len ids."""
+    if max_len < 1 + len(columns):
+        raise ValueError(f"max_len={max_len} leaves no room for {len(columns)} field(s) after BOS")
     segments = [tokenizer.encode(text, bos=False, eos=False) for text in render(columns, fields)]
-    lengths = truncate_longest_first([len(s) for s in segments], max_len - 2)
+    lengths = truncate_longest_first([len(s) for s in segments], max_len - 1)
     ids = [tokenizer.bos_id]
     for segment, n in zip(segments, lengths):
         ids += segment[:n]
-    return ids + [tokenizer.eos_id]
+    return ids

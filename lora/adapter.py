@@ -45,11 +45,16 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, cfg: LoRAConfig, folder: str | Path) -> None:
+def save_adapter(model: nn.Module, cfg: LoRAConfig, folder: str | Path,
+                 tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the adapter of `model`. `tensors` (our names) overrides the model's own LoRA tensors: a sharded (FSDP)
+    model hands in the gathered full tensors here."""
     check_lora_config(model, cfg)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
+    names = adapter_state_dict(model).keys()
+    source = adapter_state_dict(model) if tensors is None else {k: tensors[k] for k in names}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in source.items()}
     save_file(tensors, folder / ADAPTER_WEIGHTS)  # atomic, like every writer of ours
     write_json(folder / ADAPTER_CONFIG, {"lora": cfg.to_dict(), "model_args": model.args.to_params_json()})
 

@@ -67,7 +67,8 @@ def test_double_quotes_are_ordinary_characters():
     quoted = []
     for task in TASKS.values():
         data = load_task(task, FIXTURES)
-        quoted += [f for split in (data.train, data.dev, data.test) for fields in split.fields for f in fields if '"' in f]
+        quoted += [f for split in (data.train, data.dev, data.test) for fields in split.fields
+                   for f in fields if '"' in f]
     assert len(quoted) >= 9
     assert 'Kto napisał "Pana Tadeusza"?' in quoted
 

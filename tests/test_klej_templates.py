@@ -1,4 +1,4 @@
-"""Input templates: Polish field labels for pairs, [BOS] ... [EOS] framing, longest-first truncation."""
+"""Input templates: Polish field labels for pairs, a leading [BOS], longest-first truncation."""
 import numpy as np
 import pytest
 
@@ -38,27 +38,28 @@ def test_pair_tasks_have_polish_field_labels():
     assert render(TASKS["cdsc-e"].inputs, ("Pies biegnie.", "Zwierzę się rusza.")) == [
         "Zdanie A: Pies biegnie.", "\nZdanie B: Zwierzę się rusza."]
     assert render(TASKS["dyk"].inputs, ("Kto?", "Ktoś.")) == ["Pytanie: Kto?", "\nOdpowiedź: Ktoś."]
-    assert render(TASKS["psc"].inputs, ("Tekst długi.", "Krótko.")) == ["Tekst: Tekst długi.", "\nStreszczenie: Krótko."]
+    assert render(TASKS["psc"].inputs, ("Tekst długi.", "Krótko.")) == ["Tekst: Tekst długi.",
+                                                                        "\nStreszczenie: Krótko."]
 
 
-def test_single_text_is_framed_by_bos_and_eos():
+def test_single_text_follows_bos():
     tok = CharTokenizer()
     ids = encode_example(("sentence",), ("Zażółć gęślą jaźń",), tok, max_len=64)
-    assert ids == [1] + [ord(c) + 3 for c in "Zażółć gęślą jaźń"] + [2]
-    assert encode_example(("sentence",), ("Zażółć gęślą jaźń",), tok, max_len=7) == ids[:6] + [2]
+    assert ids == [1] + [ord(c) + 3 for c in "Zażółć gęślą jaźń"]
+    assert encode_example(("sentence",), ("Zażółć gęślą jaźń",), tok, max_len=7) == ids[:7]
 
 
 def test_long_pair_is_cut_from_the_longest_field_and_keeps_both_labels():
     tok = CharTokenizer()
     extract, summary = "Bardzo długi tekst artykułu prasowego. " * 5, "Krótkie streszczenie."
     ids = encode_example(TASKS["psc"].inputs, (extract, summary), tok, max_len=80)
-    assert len(ids) == 80 and ids[0] == 1 and ids[-1] == 2
-    text = "".join(chr(i - 3) for i in ids[1:-1])
+    assert len(ids) == 80 and ids[0] == 1
+    text = "".join(chr(i - 3) for i in ids[1:])
     second = "\nStreszczenie: " + summary
     assert text.endswith(second)                           # the short field survives whole
-    assert text == ("Tekst: " + extract)[:78 - len(second)] + second
+    assert text == ("Tekst: " + extract)[:79 - len(second)] + second
 
 
 def test_max_len_too_small_is_refused():
-    with pytest.raises(ValueError, match="max_len=3"):
-        encode_example(TASKS["cdsc-e"].inputs, ("a", "b"), CharTokenizer(), max_len=3)
+    with pytest.raises(ValueError, match="max_len=2"):
+        encode_example(TASKS["cdsc-e"].inputs, ("a", "b"), CharTokenizer(), max_len=2)

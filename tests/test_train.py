@@ -99,18 +99,24 @@ def test_existing_run_is_not_overwritten_by_accident(workdir, monkeypatch):
         train.main(common(workdir, out, "--no-eval", "--steps", "2"))
 
 
-def test_ddp_two_processes_equal_one_process(workdir, monkeypatch):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process(workdir, monkeypatch, mode):
     monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
-    single = workdir / "single"
-    base = common(workdir, single, "--no-eval", "--lora-dropout", "0", "--steps", "4")
-    train.main(base)
-    ddp = workdir / "ddp"
-    args = common(workdir, ddp, "--no-eval", "--lora-dropout", "0", "--steps", "4")
+    single = workdir / f"single-{mode}"
+    train.main(common(workdir, single, "--no-eval", "--lora-dropout", "0", "--steps", "4"))
+    out = workdir / mode
+    args = common(workdir, out, "--no-eval", "--lora-dropout", "0", "--steps", "4")
     args[args.index("--grad-accum") + 1] = "1"  # 2 processes x 1 micro-batch = 1 process x 2 accumulated
+    if mode == "fsdp":
+        args.append("--fsdp")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
                     str(ROOT / "train.py"), *args], env=env(workdir), check=True, timeout=300,
-                   stdout=subprocess.DEVNULL)
-    assert losses(ddp) == pytest.approx(losses(single), abs=1e-5)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert losses(out) == pytest.approx(losses(single), abs=1e-5)
+    from model.safetensors import load_file
+    ours, theirs = (load_file(d / "adapter" / "adapter.safetensors") for d in (out, single))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in ours)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch):
