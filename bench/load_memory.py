@@ -21,7 +21,6 @@ that first read, against the model's bytes in bf16.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -35,11 +34,11 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import (MB, load_average, machine_summary, markdown_table, peak_rss, report_to_parent,  # noqa: E402
                           reset_peak_rss, run_child, verdict)
+from lora.adapter import write_json  # noqa: E402
 from model import convert  # noqa: E402
 from model.args import ModelArgs  # noqa: E402
 from model.safetensors import save_file  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
-from training import atomic_write_text  # noqa: E402
 
 TARGET = 1.3
 SHARDS = 3  # Mistral-7B's and Llama-2-7B's Hugging Face repositories ship theirs in 2-3 shards
@@ -86,8 +85,8 @@ def write_hf_sharded(args: ModelArgs, folder: Path, dtype: torch.dtype) -> None:
     weight_map = {convert.to_hf_name(name): files[shard_of[name]] for name in shapes}
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     config = args.to_hf_config() | {"torch_dtype": str(dtype).removeprefix("torch.")}
-    atomic_write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=2))
-    atomic_write_text(folder / "config.json", json.dumps(config, indent=2))
+    write_json(folder / "model.safetensors.index.json", index)
+    write_json(folder / "config.json", config)
 
 
 def write_mistral(args: ModelArgs, folder: Path, dtype: torch.dtype) -> None:
@@ -96,7 +95,7 @@ def write_mistral(args: ModelArgs, folder: Path, dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(0)
     weights = {name: random_weight(name, shape, dtype, generator) for name, shape in weight_shapes(args).items()}
     save_file(weights, folder / "consolidated.safetensors")
-    atomic_write_text(folder / "params.json", json.dumps(args.to_params_json(), indent=2))
+    write_json(folder / "params.json", args.to_params_json())
 
 
 # ------------------------------------------------------------------------------------------------ the child

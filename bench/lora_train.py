@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -93,10 +94,8 @@ def trainable_parameters(model: torch.nn.Module) -> int:
 def child(side: str, micro_batch: int, seq_len: int, precision: str, threads: int) -> None:
     """Load, inject and take two steps in this fresh process; report its memory to the parent."""
     set_threads(threads)
-    if side == "ours":
-        import lora, model  # noqa: F401,E401
-    else:
-        import peft, transformers  # noqa: F401,E401
+    for library in ("lora", "model") if side == "ours" else ("peft", "transformers"):
+        importlib.import_module(library)  # before the baseline, which then includes each side's libraries
     after_imports = rss()
     model, forward, vocab_size = build(side)
     step = make_step(model, forward, random_batch(vocab_size, micro_batch, seq_len), precision)

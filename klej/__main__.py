@@ -1,6 +1,6 @@
 """python -m klej: fine-tune, evaluate, predict and submit the nine KLEJ tasks, or run the offline demo.
 
-    python -m klej finetune --task cdsc-e --data-dir klej_data --model mistral-7b --adapter runs/lapt/adapter
+    python -m klej finetune --task cdsc-e --data-dir klej_data --model mistral-7b-v0.1/ --adapter runs/lapt/adapter
     python -m klej evaluate --task cdsc-e --data-dir klej_data        # dev score of the run's best weights
     python -m klej predict  --task cdsc-e --data-dir klej_data        # -> runs/klej/predictions/test_pred_cdsc-e.tsv
     python -m klej results                                           # table of all finished tasks (+ results.json)
@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     f.add_argument("--dtype", choices=DTYPES, default="float32", help="storage dtype of the frozen base")
     f.add_argument("--quantize", choices=["nf4"], help="hold the frozen base in 4-bit NF4 (QLoRA)")
     f.add_argument("--resume", action="store_true", help="continue the run in <out>/<task>/ from its checkpoint")
+    f.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: less memory, ~30%% more time")
     f.add_argument("--epochs", type=int, help="override the task's epochs (Curie: 1 or 5)")
     f.add_argument("--lr", type=float, default=defaults.lr)
     f.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     task = get_task(args.task)
     run_dir = args.out / task.name
     if args.command == "finetune":
+        if (run_dir / ft.CHECKPOINT).exists() and not args.resume:   # before minutes of loading the model
+            raise FileExistsError(f"{run_dir / ft.CHECKPOINT}: a run is already here; pass --resume or another --out")
         if args.quantize and args.adapter:
             raise ValueError("--quantize nf4 cannot merge --adapter into 4-bit weights: export the LAPT model merged "
                              "(lora.export_merged_hf) and pass that folder as --model")
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         data = load_task(task, args.data_dir, seed=args.seed)
         model, tokenizer = ft.load_base(args.model, args.device, args.dtype, args.quantize)
         head = ft.prepare_classifier(model, task, cfg, args.adapter)
+        model.gradient_checkpointing = args.gradient_checkpointing
         base = {"model": str(args.model), "adapter": args.adapter and str(args.adapter), "dtype": args.dtype,
                 "quantize": args.quantize}
         ft.finetune(head, tokenizer, task, data, run_dir, cfg, base, resume=args.resume)

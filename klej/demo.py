@@ -4,9 +4,9 @@ KLEJ's files cannot be fetched here, so the demo makes a task in KLEJ's own form
 get: Debian's Polish fortune cookies (fortunes-pl, GPL-2+). Each fortune is labelled by the file it comes from, and
 the classifier must tell the files apart from the text alone:
 
-    chuck-norris   "Chuck Norris ma 4 metry wzrostu, waży dwie tony, zieje ogniem..."     (jokes)
-    pratchett      "Oczywiście działał on wbrew wszelkim regułom. Jednak Trymon..."       (Discworld quotes)
-    milosc         "Miłość to trud, / Który nie spadnie sam z drzewa..."                  (love poems)
+    chuck-norris   absurd "facts" about Chuck Norris, one or two sentences each
+    pratchett      passages of Terry Pratchett's Discworld novels in Polish translation, often dialogue
+    milosc         short rhymed poems about love ("miłość")
 
 The give-aways a file adds around its text are removed first: Chuck Norris's jokes lose their numbers and
 Pratchett's quotes their indented attribution lines ("Terry Pratchett, ..."), so the label must be read from the

@@ -251,9 +251,24 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def _run_info(task: Task, cfg: FinetuneConfig, base: dict) -> dict:
+    # Through JSON and back, so that it compares equal to what run.json holds (tuples become lists).
+    return json.loads(json.dumps({"task": dataclasses.asdict(task), "base": base, "config": dataclasses.asdict(cfg)}))
+
+
 def write_run_info(run_dir: Path, task: Task, cfg: FinetuneConfig, base: dict) -> None:
-    info = {"task": dataclasses.asdict(task), "base": base, "config": dataclasses.asdict(cfg)}
-    training.atomic_write_text(run_dir / RUN_FILE, json.dumps(info, indent=2) + "\n")
+    training.atomic_write_text(run_dir / RUN_FILE, json.dumps(_run_info(task, cfg, base), indent=2) + "\n")
+
+
+def _check_same_run(run_dir: Path, task: Task, cfg: FinetuneConfig, base: dict) -> None:
+    """A checkpoint resumes only the run that wrote it: same task, base model and recipe."""
+    path = run_dir / RUN_FILE
+    recorded = json.loads(path.read_text()) if path.exists() else {}
+    wanted = _run_info(task, cfg, base)
+    changed = [k for k in wanted if recorded.get(k) != wanted[k]]
+    if changed:
+        raise ValueError(f"{path}: the checkpoint in {run_dir} belongs to a run with another "
+                         f"{' and '.join(changed)}; resume with the same settings or start in another folder")
 
 
 def finetune(head: SequenceHead, tokenizer, task: Task, data: TaskData, run_dir: Path, cfg: FinetuneConfig,
@@ -269,6 +284,8 @@ def finetune(head: SequenceHead, tokenizer, task: Task, data: TaskData, run_dir:
     if ckpt_path.exists() and not resume:
         raise FileExistsError(f"{ckpt_path}: a run is already here; resume it (--resume) or choose another folder")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and ckpt_path.exists():
+        _check_same_run(run_dir, task, cfg, base)
     write_run_info(run_dir, task, cfg, base)
     device = head.score.weight.device
     pad = pad_id_of(tokenizer)

@@ -70,6 +70,33 @@ def test_weighted_losses_match_references():
     assert (total / weight).item() == pytest.approx(sum(a * b for a, b in zip(per, ws)) / sum(ws), rel=1e-12)
 
 
+def test_lapt_adapter_is_merged_before_the_task_lora(tmp_path):
+    from lora import LoRAConfig, inject_lora, lora_modules, save_adapter
+    torch.manual_seed(0)
+    lapt = Transformer(ModelArgs.from_name("tiny"))
+    base = {k: v.clone().double() for k, v in lapt.state_dict().items()}
+    lapt_cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("wq", "wk", "w2"))
+    inject_lora(lapt, lapt_cfg)
+    for m in lora_modules(lapt).values():
+        torch.nn.init.normal_(m.lora_B)
+    save_adapter(lapt, lapt_cfg, tmp_path / "lapt")
+    expected = {name: base[f"{name}.weight"] + 2.0 * (m.lora_B.double() @ m.lora_A.double())
+                for name, m in lora_modules(lapt).items()}
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny"))
+    head = ft.prepare_classifier(model, TASKS["cdsc-e"], ft.FinetuneConfig(), lapt_adapter=tmp_path / "lapt")
+    task_lora = lora_modules(model)
+    assert sorted({n.rpartition(".")[2] for n in task_lora}) == ["wq", "wv"]
+    assert all(m.r == 2 and m.scale == 8 for m in task_lora.values())
+    for name, weight in expected.items():              # LAPT merged: W + (alpha / r) B A, under the task LoRA
+        module = model.get_submodule(name)
+        merged = module.base.weight if name in task_lora else module.weight
+        torch.testing.assert_close(merged.double(), weight, rtol=1e-6, atol=1e-6)
+    trainable = {n for n, p in head.named_parameters() if p.requires_grad}
+    assert trainable == {"score.weight"} | {f"model.{n}.lora_{x}" for n in task_lora for x in "AB"}
+
+
 def test_finetune_keeps_the_best_dev_weights_and_stops_early(tmp_path):
     task = TASKS["cdsc-e"]
     cfg = ft.FinetuneConfig(**CFG, epochs=6, evals_per_epoch=4, patience=2)
@@ -120,6 +147,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, name):
     with pytest.raises(FileExistsError, match="--resume"):
         ft.finetune(_tiny_classifier(task, cfg), ByteTokenizer(), task, data, tmp_path / "cut", cfg, BASE,
                     progress=False)
+    other = ft.FinetuneConfig(**{**CFG, "lr": 5e-4}, epochs=2, evals_per_epoch=2, patience=100)
+    with pytest.raises(ValueError, match="run.json: the checkpoint .* another config"):
+        ft.finetune(_tiny_classifier(task, other), ByteTokenizer(), task, data, tmp_path / "cut", other, BASE,
+                    resume=True, progress=False)
     resumed = _tiny_classifier(task, cfg)
     ft.finetune(resumed, ByteTokenizer(), task, data, tmp_path / "cut", cfg, BASE, resume=True, progress=False)
 
