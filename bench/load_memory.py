@@ -1,6 +1,6 @@
 """Issue 2: peak RAM while `model.load` reads a checkpoint, against the model's own size (target <= 1.3x).
 
-    python bench/load_memory.py            # ~1.3 GB bf16 model, three checkpoints (~5.4 GB of temporary files)
+    python bench/load_memory.py            # ~1.3 GB bf16 model, three checkpoints written one at a time (<= 2.7 GB)
     python bench/load_memory.py --quick    # a few-MB model: checks the script, its ratios mean little
 
 A Mistral-shaped model (dim 2048, 12 layers, 16 query / 4 KV heads of 128, hidden 5632, vocab 32000: 672 M
@@ -46,7 +46,7 @@ FULL = ModelArgs(dim=2048, n_layers=12, head_dim=128, hidden_dim=5632, n_heads=1
                  vocab_size=32000, sliding_window=4096)
 QUICK = ModelArgs(dim=256, n_layers=2, head_dim=64, hidden_dim=704, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
                   vocab_size=4000, sliding_window=4096)
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+TARGET_DTYPE = torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------ writing checkpoints
@@ -100,12 +100,12 @@ def write_mistral(args: ModelArgs, folder: Path, dtype: torch.dtype) -> None:
 
 # ------------------------------------------------------------------------------------------------ the child
 
-def child(folder: Path, dtype: torch.dtype) -> None:
-    """Load `folder` in this fresh process and report its memory to the parent."""
+def child(folder: Path) -> None:
+    """Load `folder` in bf16 in this fresh process and report its memory to the parent."""
     from model.loading import load
     baseline = reset_peak_rss()
     start = time.perf_counter()
-    model, _ = load(folder, dtype=dtype, require_tokenizer=False)
+    model, _ = load(folder, dtype=TARGET_DTYPE, require_tokenizer=False)
     seconds = time.perf_counter() - start
     peak_load = peak_rss()
     # Distinct tensors only (a tied head would be counted twice); a sum reads every page and copies nothing.
@@ -126,10 +126,9 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=None,
                    help="where to write the checkpoints (default: a temporary folder, deleted afterwards)")
     p.add_argument("--child", type=Path, metavar="FOLDER", help=argparse.SUPPRESS)
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        child(a.child, DTYPES[a.dtype])
+        child(a.child)
         return
 
     args = QUICK if a.quick else FULL
@@ -146,7 +145,7 @@ def main() -> None:
             write(args, folder, file_dtype)
             file_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
             print(f"wrote {name}: {file_bytes / MB:.0f} MB in {time.perf_counter() - start:.0f} s", flush=True)
-            r = run_child(Path(__file__), ["--child", str(folder), "--dtype", "bfloat16"], timeout=900)
+            r = run_child(Path(__file__), ["--child", str(folder)], timeout=900)
             load_mb, read_mb = (r["peak_load"] - r["baseline"]) / MB, (r["peak_read"] - r["baseline"]) / MB
             ratio = (r["peak_read"] - r["baseline"]) / r["model_bytes"]
             rows.append([name, f"{str(file_dtype).removeprefix('torch.')} -> {', '.join(r['dtypes'])}",

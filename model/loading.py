@@ -27,7 +27,7 @@ TensorStream = Iterator[tuple[str, torch.Tensor, Path]]  # (our name, tensor, fi
 
 # ---------------------------------------------------------------------------------------------------- readers
 
-def _mistral_checkpoint(folder: Path) -> tuple[ModelArgs, TensorStream]:
+def _mistral_checkpoint(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, TensorStream]:
     args = ModelArgs.from_params_json(folder / "params.json")
     pth = sorted(folder.glob("consolidated.*.pth"))
     st = folder / "consolidated.safetensors"
@@ -43,12 +43,12 @@ def _mistral_checkpoint(folder: Path) -> tuple[ModelArgs, TensorStream]:
 
     def stream() -> TensorStream:
         for f in files:
-            for name, t in _read_tensor_file(f):
+            for name, t in _read_tensor_file(f, dtype):
                 yield name, t, f
     return args, stream()
 
 
-def _hf_checkpoint(folder: Path) -> tuple[ModelArgs, TensorStream]:
+def _hf_checkpoint(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, TensorStream]:
     args = ModelArgs.from_hf_config(folder / "config.json")
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -64,7 +64,7 @@ def _hf_checkpoint(folder: Path) -> tuple[ModelArgs, TensorStream]:
 
     def stream() -> TensorStream:
         for f in files:
-            for hf_name, t in _read_tensor_file(f):
+            for hf_name, t in _read_tensor_file(f, dtype):
                 if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports saved; we compute it
                     continue
                 try:
@@ -122,14 +122,17 @@ def _gguf_checkpoint(path: Path):
     return args, stream(), g
 
 
-def _read_tensor_file(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_tensor_file(f: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a .safetensors or .pth file. Tensors already in `dtype` are views of the memory-mapped
+    file (no copy at all); the others are read into their own buffer, converted, and the buffer freed, so a
+    float32 checkpoint loaded as bf16 never holds the float32 file in RAM."""
     if not f.exists():
         raise FileNotFoundError(f"{f}: checkpoint file not found")
     if f.suffix == ".safetensors":
         from model.safetensors import SafeTensorsFile
         with SafeTensorsFile(f) as st:
             for name in st.keys():
-                yield name, st.get_tensor(name)
+                yield name, (st.get_tensor(name) if st.dtype(name) == dtype else st.read_tensor(name))
     else:
         try:  # mmap: tensors stay on disk until used; weights_only: a checkpoint cannot run code
             sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
@@ -210,9 +213,9 @@ def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
             tokenizer = GGUFBPETokenizer.from_metadata(g.metadata, path=path)
     else:
         if (path / "params.json").exists():
-            args, stream = _mistral_checkpoint(path)
+            args, stream = _mistral_checkpoint(path, dtype)
         elif (path / "config.json").exists():
-            args, stream = _hf_checkpoint(path)
+            args, stream = _hf_checkpoint(path, dtype)
         else:
             raise FileNotFoundError(f"{path}: neither params.json (Mistral layout) nor config.json "
                                     f"(Hugging Face layout) found")

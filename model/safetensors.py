@@ -133,6 +133,21 @@ class SafeTensorsFile:
         raw = torch.from_numpy(self._map[self._data_start + begin:self._data_start + end])  # uint8 view, no copy
         return raw.view(dtype).reshape(shape).to(self.device)
 
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """A copy that owns its memory, read with plain file reads instead of through the map.
+
+        For a tensor about to be converted (float32 -> bf16) this matters: pages read through the map stay in this
+        process until the whole map goes, so a converting loader would briefly hold the file *and* the model; pages
+        read with read() stay in the kernel's page cache only.
+        """
+        dtype, shape, begin, end = self._entry(name)
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(memoryview(out.numpy())) != end - begin:
+                raise ValueError(f"{self.path}: tensor {name!r} is truncated")
+        return out.view(dtype).reshape(shape).to(self.device)
+
 
 def load_file(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of the file, by name (memory-mapped on the CPU, see SafeTensorsFile)."""
