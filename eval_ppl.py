@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,17 +78,22 @@ def _score_batch(model, batch: list[list[int]], firsts: list[int], device, chunk
     total = 0.0
     for s in range(0, len(targets), chunk):  # bound the [rows, vocab] logits
         logits = model.output(h[s:s + chunk]).float()
-        total += (logits.logsumexp(-1) - logits.gather(1, targets[s:s + chunk, None]).squeeze(1)).sum().item()
+        total += F.cross_entropy(logits, targets[s:s + chunk], reduction="sum").item()
     return total
 
 
 def evaluate_perplexity(model, tokenizer, texts: list[str], ctx: int = 1024, stride: int = 512,
-                        batch_size: int = 4, max_tokens: int | None = None, progress: bool = True,
+                        batch_size: int | None = None, max_tokens: int | None = None, progress: bool = True,
                         desc: str = "perplexity") -> PerplexityResult:
-    """Score `texts` (documents) with `model`; see the module docstring for the windows."""
+    """Score `texts` (documents) with `model`; see the module docstring for the windows.
+
+    batch_size: windows per forward pass; default 1 on the CPU (batching gains nothing there and pads windows of
+    unequal length), 8 on a GPU.
+    """
     if not texts:
         raise ValueError("no documents to evaluate")
     device = next(model.parameters()).device
+    batch_size = batch_size or (8 if device.type == "cuda" else 1)
     was_training = model.training
     model.eval()
     jobs, n_tokens, n_bytes, n_chars, n_docs = [], 0, 0, 0, 0
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, PerplexityResult]]:
                    help="split of the Polish corpus (train, validation, test) or .txt/.jsonl files or folders")
     p.add_argument("--ctx", type=int, default=1024, help="window length in tokens")
     p.add_argument("--stride", type=int, default=512, help="window advance; each window scores <= stride tokens")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: 1 on CPU, 8 on GPU)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after about this many scored tokens")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")

@@ -285,12 +285,13 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{ckpt_path} (try a lower --lr or --grad-clip)")
         grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip) if args.grad_clip
                      else torch.tensor(0.0))
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         tokens_done += global_batch * args.seq_len
         rate = tokens_done / (time.perf_counter() - t0)
-        record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+        record = {"step": step + 1, "loss": loss_value, "lr": lr,
                   "grad_norm": float(grad_norm), "tokens": (step + 1) * global_batch * args.seq_len,
                   "tokens_per_s": rate}
         if val_batch is not None and (step + 1) % args.eval_interval == 0:

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-# `python bench/X.py` puts bench/ first on sys.path, where bench/kernels.py would shadow the `kernels` package that
-# transformers and peft try to import: put the repo root there instead.
+# `python bench/X.py` puts bench/ first on sys.path; the scripts import from the repo root instead (bench.common, ...).
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import (MB, load_average, machine_summary, markdown_table, peak_rss, report_to_parent,  # noqa: E402

@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# `python bench/X.py` puts bench/ first on sys.path, where bench/kernels.py would shadow the `kernels` package that
-# transformers and peft try to import: put the repo root there instead.
+# `python bench/X.py` puts bench/ first on sys.path; the scripts import from the repo root instead (bench.common, ...).
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import (MB, alternate, load_average, machine_summary, markdown_table, median,  # noqa: E402

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from lora.layers import LoRALinear
 from model.convert import to_hf_name
+from model.nf4 import NF4Linear
 
 # Our leaf name -> Hugging Face's, read off model/convert.py's tables through a representative full name.
 _OUR_LINEARS = {"wq": "layers.0.attention.wq", "wk": "layers.0.attention.wk", "wv": "layers.0.attention.wv",
@@ -140,9 +141,11 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a tied weight counts once."""
+    """(trainable, total) parameter counts; a tied weight counts once. A quantised layer (NF4) holds its weight in
+    buffers, not parameters: it counts as the in_features x out_features weights it stands for."""
     params = list(model.parameters())  # nn.Module.parameters() yields a shared tensor once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    quantised = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantised
 
 
 def parameter_summary(model: nn.Module) -> str:

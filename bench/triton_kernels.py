@@ -1,7 +1,7 @@
 """Benchmark of minicurie's Triton kernels against PyTorch eager and torch.compile, printed as a markdown table.
 
-    python bench/kernels.py               on one CUDA GPU: Mistral-7B training shapes in bf16, under 5 minutes
-    python bench/kernels.py --cpu-smoke   anywhere: tiny float32 shapes through Triton's interpreter, only to show
+    python bench/triton_kernels.py               on one CUDA GPU: Mistral-7B training shapes in bf16, under 5 minutes
+    python bench/triton_kernels.py --cpu-smoke   anywhere: tiny float32 shapes through Triton's interpreter, only to show
                                           that the script runs (its numbers mean nothing)
 
 Every measurement is forward + backward, as in training. What the columns mean:
@@ -76,7 +76,7 @@ def main() -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
     if not cpu_smoke and not torch.cuda.is_available():
-        print("bench/kernels.py needs CUDA (no GPU found): nothing measured. "
+        print("bench/triton_kernels.py needs CUDA (no GPU found): nothing measured. "
               "Run with --cpu-smoke to check the script through Triton's interpreter.")
         return 0
     setting = SMOKE if cpu_smoke else CUDA
