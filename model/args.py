@@ -44,12 +44,7 @@ class ModelArgs:
     def from_params_json(cls, path: str | Path) -> "ModelArgs":
         """Mistral's own `params.json` (the file beside `consolidated.00.pth`)."""
         path = Path(path)
-        try:
-            p = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: params.json not found") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        p = _read_json(path, "params.json")
         missing = [k for k in ("dim", "n_layers", "n_heads", "norm_eps", "vocab_size") if k not in p]
         if missing:
             raise ValueError(f"{path}: params.json lacks {', '.join(missing)}")
@@ -72,12 +67,7 @@ class ModelArgs:
     def from_hf_config(cls, path: str | Path) -> "ModelArgs":
         """Hugging Face `config.json` of a MistralForCausalLM / LlamaForCausalLM checkpoint."""
         path = Path(path)
-        try:
-            c = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: config.json not found") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        c = _read_json(path, "config.json")
         arch = (c.get("architectures") or ["?"])[0]
         if c.get("model_type") not in ("mistral", "llama"):
             raise ValueError(f"{path}: model_type {c.get('model_type')!r} ({arch}) is not mistral or llama")
@@ -117,6 +107,15 @@ class ModelArgs:
         ffn = 3 * self.dim * self.hidden_dim
         emb = self.vocab_size * self.dim * (1 if self.tied_embeddings else 2)
         return self.n_layers * (attn + ffn + 2 * self.dim) + emb + self.dim
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 PRESETS: dict[str, ModelArgs] = {

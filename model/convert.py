@@ -43,15 +43,21 @@ def _split(name: str) -> tuple[str, str]:
     return module, leaf
 
 
+def _rename(name: str, layer_re: re.Pattern, layer_names: dict, top_names: dict, layer_prefix: str,
+            error: str) -> str:
+    """Map a tensor name through a per-layer table and a top-level table; the leaf ('weight') is kept."""
+    module, leaf = _split(name)
+    m = layer_re.match(module)
+    if m and m.group(2) in layer_names:
+        return f"{layer_prefix}.{m.group(1)}.{layer_names[m.group(2)]}.{leaf}"
+    if module in top_names:
+        return f"{top_names[module]}.{leaf}"
+    raise KeyError(error.format(name=name))
+
+
 def to_hf_name(name: str) -> str:
     """'layers.3.attention.wq.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
-    module, leaf = _split(name)
-    m = _LAYER_RE.match(module)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{leaf}"
-    if module in _TOP_NAMES:
-        return f"{_TOP_NAMES[module]}.{leaf}"
-    raise KeyError(f"no Hugging Face name for {name!r}")
+    return _rename(name, _LAYER_RE, _LAYER_NAMES, _TOP_NAMES, "model.layers", "no Hugging Face name for {name!r}")
 
 
 _HF_LAYER_BACK = {v: k for k, v in _LAYER_NAMES.items()}
@@ -61,13 +67,8 @@ _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 def from_hf_name(name: str) -> str:
     """'model.layers.3.self_attn.q_proj.weight' -> 'layers.3.attention.wq.weight'."""
-    module, leaf = _split(name)
-    m = _HF_LAYER_RE.match(module)
-    if m and m.group(2) in _HF_LAYER_BACK:
-        return f"layers.{m.group(1)}.{_HF_LAYER_BACK[m.group(2)]}.{leaf}"
-    if module in _HF_TOP_BACK:
-        return f"{_HF_TOP_BACK[module]}.{leaf}"
-    raise KeyError(f"unexpected tensor {name!r} in a Hugging Face Mistral/Llama checkpoint")
+    return _rename(name, _HF_LAYER_RE, _HF_LAYER_BACK, _HF_TOP_BACK, "layers",
+                   "unexpected tensor {name!r} in a Hugging Face Mistral/Llama checkpoint")
 
 
 _GGUF_LAYER_BACK = {v: k for k, v in _GGUF_LAYER_NAMES.items()}
@@ -77,13 +78,8 @@ _GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 def from_gguf_name(name: str) -> str:
     """'blk.3.attn_q.weight' -> 'layers.3.attention.wq.weight'."""
-    module, leaf = _split(name)
-    m = _GGUF_LAYER_RE.match(module)
-    if m and m.group(2) in _GGUF_LAYER_BACK:
-        return f"layers.{m.group(1)}.{_GGUF_LAYER_BACK[m.group(2)]}.{leaf}"
-    if module in _GGUF_TOP_BACK:
-        return f"{_GGUF_TOP_BACK[module]}.{leaf}"
-    raise KeyError(f"unexpected tensor {name!r} in a llama-architecture GGUF")
+    return _rename(name, _GGUF_LAYER_RE, _GGUF_LAYER_BACK, _GGUF_TOP_BACK, "layers",
+                   "unexpected tensor {name!r} in a llama-architecture GGUF")
 
 
 def is_rope_projection(name: str) -> str | None:
