@@ -1,7 +1,7 @@
 """Perplexity as in the paper, plus bits per byte so that models with different tokenizers can be ranked.
 
     python eval_ppl.py --model smollm2-135m --data test
-    python eval_ppl.py --model smollm2-135m --adapter runs/lapt/adapter --model smollm2-135m --data test --json out.json
+    python eval_ppl.py --model smollm2-135m --adapter runs/lapt-cpu-smollm2/adapter --model smollm2-135m --data test --json out.json
 
 Sliding-window scoring. Each document is tokenised on its own as [BOS] + tokens; windows of `ctx` input tokens
 start every `stride` tokens, and each input position predicts the token after it:

@@ -1,7 +1,7 @@
 """Generate text from a model, streamed as it is produced.
 
     python generate.py --model smollm2-135m --prompt "Stolica Polski to" --max-new-tokens 40
-    python generate.py --model path/to/checkpoint --adapter runs/lapt/adapter --temperature 0.7 --top-p 0.9
+    python generate.py --model path/to/checkpoint --adapter runs/lapt-cpu-smollm2/adapter --temperature 0.7 --top-p 0.9
 """
 from __future__ import annotations
 

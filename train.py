@@ -102,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--max-steps-this-run", type=int, help="stop after this many steps (to test resuming)")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
+        if key == "steps" and args.tokens is not None:
+            continue  # a token budget given on the command line wins over the preset's step count
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.model is None:
@@ -271,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
             batch = blocks.batch(first, args.micro_batch).to(device)
             last = micro == args.grad_accum - 1
             sync = train_model.no_sync() if world > 1 and not args.fsdp and not last else contextlib.nullcontext()
+            if sharded:  # FSDP2: reduce-scatter the gradients only after the last micro-batch
+                train_model.set_requires_gradient_sync(last)
             with sync, autocast:
                 logits = train_model(batch[:, :-1])
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "tokens_per_s": rate}
         if val_batch is not None and (step + 1) % args.eval_interval == 0:
             record["eval_loss"] = _validation_loss(model, val_batch.to(device), autocast)
-        save_now = (step + 1) % args.save_interval == 0 or step + 1 == steps
+        save_now = (step + 1) % args.save_interval == 0 or step + 1 in (steps, stop_at)
         full = _gather_full_state(model, optimizer) if save_now and sharded else {}  # every rank takes part
         if main_process:
             metrics.log(record)

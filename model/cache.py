@@ -47,7 +47,9 @@ class RollingKVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [B, Hq, T, D], k/v [B, Hkv, T, D] for positions pos..pos+T-1 -> attention output [B, Hq, T, D]."""
         t = q.shape[2]
-        if self.sliding_window is None and self.pos + t > self.capacity:
+        # Wrapping is only right when the buffer holds a whole window: else it would overwrite keys still in view.
+        wraps_too_early = self.sliding_window is None or self.capacity < self.sliding_window
+        if wraps_too_early and self.pos + t > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} tokens; {self.pos} + {t} would exceed it "
                              f"(make the cache with a larger max_tokens)")
         n_cached = min(self.pos, self.capacity)

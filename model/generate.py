@@ -45,10 +45,10 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
         generator = torch.Generator(device=device).manual_seed(seed)
     cache = model.make_cache(1, max_tokens=len(prompt) + max_new_tokens)
     logits = model.prefill(torch.tensor([prompt], device=device), cache, chunk_size)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         token = sample(logits, temperature, top_k, top_p, generator)
         t = int(token)
         yield t
-        if t == eos_id:
+        if t == eos_id or i == max_new_tokens - 1:
             return
         logits = model(token.view(1, 1), cache)[:, -1]

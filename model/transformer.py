@@ -137,7 +137,8 @@ class Transformer(nn.Module):
         return self.output(self.hidden(tokens, cache))
 
     def make_cache(self, batch_size: int, max_tokens: int | None = None) -> RollingKVCache:
-        """A rolling-buffer cache: sliding_window slots per layer (or max_tokens for a model without a window)."""
+        """A rolling-buffer cache of min(sliding_window, max_tokens) slots per layer; it refuses to go past
+        max_tokens unless it holds a whole window (then it rolls for ever)."""
         p = next(self.parameters())
         return RollingKVCache(self.args, batch_size, max_tokens=max_tokens, device=p.device, dtype=p.dtype)
 

@@ -69,3 +69,11 @@ def test_sampling_filters():
     assert {int(sample(logits, 1.0, top_p=0.5, generator=g)) for _ in range(100)} == {4}
     assert {int(sample(logits, 1.0, top_p=0.8, generator=g)) for _ in range(300)} == {3, 4}
     assert int(sample(logits, 0.0)) == 4
+
+
+def test_cache_smaller_than_window_refuses_to_wrap(tiny):
+    cache = tiny.make_cache(1, max_tokens=3)  # window 5: wrapping after 3 would drop keys still in view
+    with torch.no_grad():
+        tiny(torch.randint(0, tiny.args.vocab_size, (1, 3)), cache)
+        with pytest.raises(ValueError, match="exceed"):
+            tiny(torch.randint(0, tiny.args.vocab_size, (1, 1)), cache)

@@ -5,7 +5,7 @@ references everywhere else; MINICURIE_KERNELS=auto|triton|reference or `with use
 `TRITON_INTERPRET=1` (set before anything imports triton) runs the Triton path on the CPU, which is how the tests
 check it.
 
-Call signatures (the decoder and train.py rely on these):
+Call signatures (the decoder relies on these; linear_cross_entropy serves custom loops and bench/):
     rms_norm(x[..., D], weight[D], eps) -> [..., D]                  x's dtype (promoted with weight's)
     apply_rope(x[B, T, H, Dh], cos[T, Dh/2], sin[T, Dh/2]) -> x       interleaved pairs (Mistral's convention)
     swiglu(gate[..., F], up[..., F]) -> silu(gate) * up
