@@ -241,12 +241,15 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = training.make_scheduler(optimizer, args.schedule, args.warmup, steps, args.min_lr_factor)
 
     start_step, before = 0, None
-    if args.resume and args.fsdp and world > 1:
-        ckpt = _load_sharded_checkpoint(ckpt_path, train_model, optimizer, scheduler)
-        start_step, before = ckpt["step"], ckpt["extra"].get("before")
-        say(f"resumed {out} at step {start_step}/{steps}")
-    elif args.resume:
-        ckpt = training.load_checkpoint(ckpt_path, model, optimizer, scheduler)
+    if args.resume:
+        if sharded:
+            ckpt = _load_sharded_checkpoint(ckpt_path, train_model, optimizer, scheduler)
+        else:
+            ckpt = training.load_checkpoint(ckpt_path, model, optimizer, scheduler)
+        # The checkpoint's "rng" is rank 0's. On CPU every rank's generator is in the same state anyway; on CUDA rank
+        # k draws from device k's generator, which only rank k's process has advanced: each rank takes its own.
+        if ckpt["extra"].get("rng_per_rank"):
+            training.set_rng_state(ckpt["extra"]["rng_per_rank"][rank])
         start_step, before = ckpt["step"], ckpt["extra"].get("before")
         say(f"resumed {out} at step {start_step}/{steps}")
     metrics = training.MetricsLog(out / "metrics.jsonl", resume_step=start_step if args.resume else None) \
@@ -302,13 +305,14 @@ def main(argv: list[str] | None = None) -> dict:
             record["eval_loss"] = _validation_loss(model, val_batch.to(device), autocast)
         save_now = (step + 1) % args.save_interval == 0 or step + 1 in (steps, stop_at)
         full = _gather_full_state(model, optimizer) if save_now and sharded else {}  # every rank takes part
+        rngs = _gather_rng_states() if save_now and world > 1 else None  # each rank's dropout/noise stream
         if main_process:
             metrics.log(record)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}")
             bar.update(1)
             if save_now:
                 training.save_checkpoint(ckpt_path, model, optimizer, scheduler, step + 1, {"step": step + 1},
-                                         extra={"before": before}, **full)
+                                         extra={"before": before, "rng_per_rank": rngs}, **full)
                 training.loss_curve_svg(metrics.records, out / "loss.svg", f"LAPT of {args.model}")
     bar.close()
     if stop_at < steps:
@@ -350,6 +354,12 @@ def _gather_full_state(model, optimizer) -> dict:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model_state, optim_state = get_state_dict(model, optimizer, options=options)
     return {"trainable": model_state, "optimizer_state": optim_state}
+
+
+def _gather_rng_states() -> list:
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, training.rng_state())
+    return states
 
 
 def _load_sharded_checkpoint(path: Path, model, optimizer, scheduler) -> dict:

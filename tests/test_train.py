@@ -136,3 +136,4 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypat
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4
     assert all(torch.isfinite(t).all() for t in ckpt["trainable"].values())
+
