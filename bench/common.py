@@ -143,3 +143,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 def verdict(ratio: float, target: float, higher_is_better: bool = True) -> str:
     passed = ratio >= target if higher_is_better else ratio <= target
     return "pass" if passed else "FAIL"
+
+
+def load_smollm2_both() -> tuple:
+    """(ours, our tokenizer, transformers' model): the same SmolLM2-135M GGUF, float32, on both sides."""
+    import transformers
+
+    from model import load
+    from model.sources import resolve
+    gguf = resolve("smollm2-135m")
+    ours, tokenizer = load(gguf, dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                dtype=torch.float32).eval()
+    return ours, tokenizer, theirs

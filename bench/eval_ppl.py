@@ -26,8 +26,8 @@ import torch
 # `python bench/X.py` puts bench/ first on sys.path; the scripts import from the repo root instead (bench.common, ...).
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (alternate, load_average, machine_summary, markdown_table, median,  # noqa: E402
-                          profile_table, set_threads, verdict)
+from bench.common import (alternate, load_average, load_smollm2_both, machine_summary,  # noqa: E402
+                          markdown_table, median, profile_table, set_threads, verdict)
 from eval_ppl import evaluate_perplexity, windows  # noqa: E402
 
 TARGET = 1.3
@@ -79,12 +79,7 @@ def main() -> None:
 
     import transformers
 
-    from model import load
-    from model.sources import resolve
-    gguf = resolve("smollm2-135m")
-    ours, tokenizer = load(gguf, dtype=torch.float32)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                                dtype=torch.float32).eval()
+    ours, tokenizer, theirs = load_smollm2_both()
     documents = select_documents(tokenizer, max_tokens)
     print(f"machine: {machine_summary(threads)}")
     print(f"transformers {transformers.__version__}; {len(documents)} Polish test documents, ctx {ctx}, stride "

@@ -27,8 +27,8 @@ import torch
 # `python bench/X.py` puts bench/ first on sys.path; the scripts import from the repo root instead (bench.common, ...).
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (alternate, load_average, machine_summary, markdown_table, median, profile_table,  # noqa: E402
-                          set_threads, verdict)
+from bench.common import (alternate, load_average, load_smollm2_both, machine_summary,  # noqa: E402
+                          markdown_table, median, profile_table, set_threads, verdict)
 
 GENERATE_TARGET, PREFILL_TARGET = 2.0, 1.2
 
@@ -59,12 +59,8 @@ def main() -> None:
 
     import transformers
 
-    from model import generate, load
-    from model.sources import resolve
-    gguf = resolve("smollm2-135m")
-    ours, tokenizer = load(gguf, dtype=torch.float32)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                                dtype=torch.float32).eval()
+    from model import generate
+    ours, tokenizer, theirs = load_smollm2_both()
     print(f"machine: {machine_summary(threads)}")
     print(f"transformers {transformers.__version__}, attention '{theirs.config._attn_implementation}'; "
           f"{runs} timed runs per side, alternated, medians reported\n")
