@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -84,11 +85,13 @@ def _score_batch(model, batch: list[list[int]], firsts: list[int], device, chunk
 
 def evaluate_perplexity(model, tokenizer, texts: list[str], ctx: int = 1024, stride: int = 512,
                         batch_size: int | None = None, max_tokens: int | None = None, progress: bool = True,
-                        desc: str = "perplexity") -> PerplexityResult:
+                        desc: str = "perplexity", distributed: bool = False) -> PerplexityResult:
     """Score `texts` (documents) with `model`; see the module docstring for the windows.
 
     batch_size: windows per forward pass; default 1 on the CPU (batching gains nothing there and pads windows of
     unequal length), 8 on a GPU.
+    distributed: every process of the torch.distributed group calls this with the same texts; each scores every
+    world-th window and the summed NLL is all-reduced, so all ranks return the same result (train.py under torchrun).
     """
     if not texts:
         raise ValueError("no documents to evaluate")
@@ -113,13 +116,19 @@ def evaluate_perplexity(model, tokenizer, texts: list[str], ctx: int = 1024, str
     if not n_tokens:
         raise ValueError("the documents hold no token to score")
     jobs.sort(key=lambda j: len(j[0]))  # similar lengths together: less padding
+    rank, world = _process_group() if distributed else (0, 1)
+    jobs = jobs[rank::world]
     nll, start = 0.0, time.perf_counter()
-    bar = tqdm(total=n_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
+    bar = tqdm(total=sum(len(w) - f for w, f in jobs), desc=desc, unit="tok", disable=not progress, leave=False)
     for s in range(0, len(jobs), batch_size):
         batch = jobs[s:s + batch_size]
         nll += _score_batch(model, [w for w, _ in batch], [f for _, f in batch], device)
         bar.update(sum(len(w) - f for w, f in batch))
     bar.close()
+    if world > 1:
+        total = torch.tensor(nll, dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        nll = total.item()
     model.train(was_training)
     seconds = time.perf_counter() - start
     mean = nll / n_tokens
@@ -127,6 +136,13 @@ def evaluate_perplexity(model, tokenizer, texts: list[str], ctx: int = 1024, str
                             bytes=n_bytes, characters=n_chars, bits_per_byte=nll / math.log(2) / n_bytes,
                             bits_per_character=nll / math.log(2) / n_chars, seconds=seconds,
                             tokens_per_second=n_tokens / seconds)
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def format_table(rows: list[tuple[str, PerplexityResult]]) -> str:

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import training
@@ -256,7 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
         if main_process else None
 
     eval_kw = dict(ctx=args.eval_ctx, stride=args.eval_stride, max_tokens=args.eval_max_tokens)
-    if eval_texts is not None and before is None and main_process:
+    # Every rank scores its share of the windows (distributed=True), so none idles at a collective meanwhile.
+    eval_kw = dict(eval_kw, distributed=world > 1, progress=main_process)
+    if eval_texts is not None and before is None:
         r = evaluate_perplexity(model, tokenizer, eval_texts, desc="base perplexity", **eval_kw)
         before = r.__dict__
         say(f"base model: {args.eval_data} perplexity {r.perplexity:.3f} ({r.tokens} tokens, "
@@ -279,8 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
             if sharded:  # FSDP2: reduce-scatter the gradients only after the last micro-batch
                 train_model.set_requires_gradient_sync(last)
             with sync, autocast:
-                logits = train_model(batch[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                # The fused head + loss (Transformer.forward with targets): no [micro_batch, seq_len, vocab] logits.
+                loss = train_model(batch[:, :-1], targets=batch[:, 1:])
             (loss / args.grad_accum).backward()
             loss_sum += loss.detach() / args.grad_accum
         if world > 1:
@@ -322,6 +323,11 @@ def main(argv: list[str] | None = None) -> dict:
     full = _gather_full_state(model, optimizer) if sharded else {}
     result = {"model": str(args.model), "steps": steps, "tokens": steps * global_batch * args.seq_len,
               "lora": summary, "before": before}
+    # Evaluate first, on every rank, then save and export on rank 0 alone: no rank then waits at a collective while
+    # another writes files (the adapter is already safe in the last checkpoint).
+    after = None
+    if eval_texts is not None:
+        after = evaluate_perplexity(model, tokenizer, eval_texts, desc="adapted perplexity", **eval_kw)
     if main_process:
         model.eval()
         from lora import export_merged_hf, save_adapter, save_peft_adapter
@@ -333,8 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
             save_peft_adapter(model, lora_cfg, out / "adapter-peft")
         if args.export_merged:
             export_merged_hf(model, model.args, out / "merged")
-        if eval_texts is not None:
-            r = evaluate_perplexity(model, tokenizer, eval_texts, desc="adapted perplexity", **eval_kw)
+        if after is not None:
+            r = after
             result["after"] = r.__dict__
             drop = 1 - r.perplexity / before["perplexity"]
             result["perplexity_drop"] = drop
@@ -389,9 +395,9 @@ def _validation_batch(args, tokenizer) -> torch.Tensor:
 def _validation_loss(model, batch, autocast) -> float:
     model.eval()
     with autocast:
-        logits = model(batch[:, :-1])
+        loss = model(batch[:, :-1], targets=batch[:, 1:])
     model.train()
-    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).item()
+    return loss.item()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ shrinking as r grows.
 
 The base may be any module with `in_features`, `out_features` and a forward (our quantised NF4 linear is wrapped
 the same way as an nn.Linear). Only an nn.Linear base can be merged in place: W <- W + scale * B @ A.
+
+Memory. The gradient of A needs the dropped-out input. nn.Dropout followed by a linear layer keeps two float copies
+of x for it (the dropout's noise and its output), per adapter: with Curie's seven adapters per block that is more
+than half of a LoRA step's activations. `_DropoutThenA` keeps x itself (q, k and v share one input, so they share
+one saved x, as do gate and up) and a one-byte keep-mask, and rebuilds the dropped-out input in the backward pass.
+The masks are independent per adapter, as with nn.Dropout; the arithmetic is the same. Likewise, under autocast
+a frozen float32 base keeps no bf16 copy of its weight for the backward (`frozen_linear`).
 """
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model.kernels.nf4 import frozen_linear
 
 
 class LoRALinear(nn.Module):
@@ -37,7 +46,7 @@ class LoRALinear(nn.Module):
         self.out_features: int = base.out_features
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
         self.shared_weight = shared_weight
         self.merged = False
         # While a tied head is merged, its shared weight waits here to be restored. A plain list, because nn.Module
@@ -53,13 +62,42 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self._base_forward(x)
         if self.merged:
             return y
-        # [..., in] -> [..., r] -> [..., out], in x's dtype (bf16 training keeps its speed); dropout only on this path,
-        # so the frozen base sees the clean input, as in the LoRA paper.
-        update = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return y + self.scale * update
+        # [..., in] -> [..., r] -> [..., out], in the compute dtype (bf16 under autocast keeps its speed); dropout
+        # only on this path, so the frozen base sees the clean input, as in the LoRA paper.
+        down = self.lora_down(x)
+        # In place into y (nothing keeps the base's output for its backward): no [..., out] temporaries beyond one.
+        return y.add_(F.linear(down, self.lora_B.to(down.dtype)), alpha=self.scale)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Autograd of F.linear under autocast keeps the bf16 copy of a float32 W it multiplied by, for dx = dy @ W:
+        # 2 bytes per frozen parameter held from the forward to the backward, the whole model over again. W is in
+        # memory anyway: frozen_linear (as for an NF4 base) casts it again in the backward instead.
+        weight = getattr(self.base, "weight", None)
+        if (type(self.base) is nn.Linear and self.base.bias is None and not weight.requires_grad
+                and torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type)
+                and weight.dtype != torch.get_autocast_dtype(x.device.type)):
+            return frozen_linear(x, weight.to)
+        return self.base(x)
+
+    def lora_down(self, x: torch.Tensor) -> torch.Tensor:
+        """dropout(x) @ A.T: [..., in] -> [..., r]."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if self.training and self.dropout > 0:
+            return _DropoutThenA.apply(x, self.lora_A, self.dropout, dtype)
+        return F.linear(x.to(dtype), self.lora_A.to(dtype))
+
+    def logit_terms(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This layer's output as a sum of products x_k @ w_k.T, [(x, W), (scale * dropout(x) A^T, B)], for a fused
+        head + loss (model.kernels.linear_cross_entropy) that never builds the [tokens, vocab] output."""
+        weight = getattr(self.base, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise TypeError(f"a fused head needs a full-precision weight; {type(self.base).__name__} has none")
+        if self.merged:
+            return [(x, weight)]
+        return [(x, weight), (self.scale * self.lora_down(x), self.lora_B)]
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A: [out_features, in_features], in float32 so that merging rounds only once, into W's dtype."""
@@ -101,7 +139,43 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha}, scale={self.scale:g}, merged={self.merged}")
+                f"alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout:g}, merged={self.merged}")
+
+
+class _DropoutThenA(torch.autograd.Function):
+    """u = dropout(x, p) @ A.T, keeping x and a bool keep-mask for the backward instead of two float copies.
+
+        forward:   m ~ Bernoulli(1 - p) [..., in] (bool),  u = ((x * m) / (1 - p)) @ A.T       [..., r]
+        backward:  dA = du^T @ ((x * m) / (1 - p))     dx = ((du @ A) * m) / (1 - p)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+        with torch.autocast(x.device.type, enabled=False):   # the products run in `dtype`, chosen by the caller
+            u = F.linear(_apply_mask(x, keep, p, dtype), lora_A.to(dtype))
+        ctx.save_for_backward(x, keep, lora_A)
+        ctx.p, ctx.dtype = p, dtype
+        return u
+
+    @staticmethod
+    def backward(ctx, du: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, keep, lora_A = ctx.saved_tensors
+        du = du.to(ctx.dtype)
+        dx = dA = None
+        if ctx.needs_input_grad[1]:
+            dropped = _apply_mask(x, keep, ctx.p, ctx.dtype)                                 # [..., in]
+            dA = (du.flatten(0, -2).T @ dropped.flatten(0, -2)).to(lora_A.dtype)            # [r, in]
+        if ctx.needs_input_grad[0]:
+            dx = _apply_mask(du @ lora_A.to(ctx.dtype), keep, ctx.p, x.dtype)                # [..., in]
+        return dx, dA, None, None
+
+
+def _apply_mask(t: torch.Tensor, keep: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """Inverted dropout with a given mask, in `dtype`: kept elements scaled by 1 / (1 - p), the others zero.
+    One new tensor, scaled in place: a step calls this ~200 times on activation-sized inputs."""
+    out = (t * keep).to(dtype)
+    return out.mul_(1.0 / (1.0 - p)) if p < 1 else out.zero_()
 
 
 def _device_of(module: nn.Module) -> torch.device:

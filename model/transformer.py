@@ -132,9 +132,18 @@ class Transformer(nn.Module):
             cache.advance(tokens.shape[1])
         return self.norm(h)
 
-    def forward(self, tokens: torch.Tensor, cache: RollingKVCache | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab_size]."""
-        return self.output(self.hidden(tokens, cache))
+    def forward(self, tokens: torch.Tensor, cache: RollingKVCache | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab_size]; with targets [B, T] (next tokens, -100 to skip one), the
+        mean cross-entropy instead, from the fused head + loss: the [B, T, vocab] logits are never built."""
+        h = self.hidden(tokens, cache)
+        if targets is None:
+            return self.output(h)
+        # The head as a sum of products x @ w.T: its weight, plus a LoRA head's low-rank path (LoRALinear).
+        terms = (self.output.logit_terms(h.flatten(0, 1)) if hasattr(self.output, "logit_terms")
+                 else [(h.flatten(0, 1), self.output.weight)])
+        (h, weight), *extra = terms
+        return kernels.linear_cross_entropy(h, weight, targets.flatten(), extra_terms=tuple(extra))
 
     def make_cache(self, batch_size: int, max_tokens: int | None = None) -> RollingKVCache:
         """A rolling-buffer cache of min(sliding_window, max_tokens) slots per layer; it refuses to go past

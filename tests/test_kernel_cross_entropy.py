@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.kernels.cross_entropy import linear_cross_entropy_fused, linear_cross_entropy_reference
+from model.kernels.cross_entropy import MIN_CHUNK, linear_cross_entropy_fused, linear_cross_entropy_reference
 from tests.kernel_testing import DEVICE, DTYPES, assert_close, forward_backward, peak_allocated_bytes
 
 STEPS = {"triton": True, "torch": False}
@@ -88,6 +88,40 @@ def test_frozen_head_and_evaluation(step: str):
                      loss64, torch.float32, "loss under no_grad")
 
 
+@pytest.mark.parametrize("step", STEPS)
+def test_extra_terms_a_lora_head(step: str):
+    # logits = h @ W.T + u @ B.T, as a LoRA head (u = scale * dropout(h) A^T): loss and the gradients of h, u and
+    # B against float64 autograd; the frozen W gets none.
+    h, weight, targets = random_problem(13, 16, 300, torch.float32, n_ignored=2)
+    u, b = torch.randn(13, 3), torch.randn(300, 3) * 0.3
+    loss, (dh, du, db) = forward_backward(
+        lambda a, x, w: linear_cross_entropy_fused(a, weight, targets, IGNORE, chunk_size=4, use_triton=STEPS[step],
+                                                   extra_terms=((x, w),)), [h, u, b])
+    h64, u64, b64 = (t.double().requires_grad_() for t in (h, u, b))
+    loss64 = F.cross_entropy(h64 @ weight.double().T + u64 @ b64.T, targets, ignore_index=IGNORE)
+    loss64.backward()
+    assert_close(loss, loss64, torch.float32, "loss")
+    for name, ours, exact in [("dh", dh, h64.grad), ("du", du, u64.grad), ("dB", db, b64.grad)]:
+        assert_close(ours, exact, torch.float32, name)
+    with pytest.raises(ValueError, match=r"extra_terms\[0\]"):
+        linear_cross_entropy_fused(h, weight, targets, extra_terms=((u, b[:10]),))
+
+
+def test_autocast_runs_the_products_in_bfloat16():
+    # Under CPU autocast the chunks' products run in bf16, as F.linear's would; gradients come back in the inputs'
+    # float32. Compared with the unfused path under the same autocast (bf16 logits, float32 loss).
+    h, weight, targets = random_problem(24, 32, 500, torch.float32, device="cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, (dh, dweight) = forward_backward(
+            lambda a, w: linear_cross_entropy_fused(a, w, targets, IGNORE, chunk_size=8), [h, weight])
+        ref, (dh_ref, dweight_ref) = forward_backward(
+            lambda a, w: F.cross_entropy(F.linear(a, w).float(), targets, ignore_index=IGNORE), [h, weight])
+    assert dh.dtype == dweight.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(dh, dh_ref, atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(dweight, dweight_ref, atol=2e-3, rtol=2e-2)
+
+
 def test_every_token_ignored_behaves_like_pytorch():
     h, weight, targets = random_problem(5, 8, 50, torch.float32, n_ignored=5)
     loss, (dh, dweight) = forward_backward(
@@ -108,7 +142,8 @@ def test_target_outside_vocabulary_is_rejected():
 def test_peak_memory_does_not_grow_with_vocabulary_like_unfused():
     # Many tokens, a narrow model: the unfused [N, V] logits (and their gradient) dominate its memory. The fused
     # path's vocabulary-wide buffers are weight-sized ([V, D] gradients) and one [C, V] chunk, which the default
-    # chunk size keeps within twice the size of h. Measured on the CPU allocator, whatever device the others use.
+    # chunk size keeps within twice the size of h or MIN_CHUNK tokens. Measured on the CPU allocator, whatever device
+    # the others use.
     n, dim, vocab_small, vocab_large = 2048, 64, 1000, 8000
 
     def peak(fn, vocab: int) -> int:
@@ -124,4 +159,6 @@ def test_peak_memory_does_not_grow_with_vocabulary_like_unfused():
     report = f"peak grew by {fused / 2**20:.1f} MiB fused, {unfused / 2**20:.1f} MiB unfused"
     assert unfused >= logits_growth, report
     # At most a few weight-sized gradients (float32 accumulator, result, a matmul's output) and chunks.
-    assert fused <= 4 * weight_growth + 4 * h_bytes, report
+    chunk_growth = max(MIN_CHUNK * extra_vocab * 4, h_bytes)
+    assert fused <= 4 * weight_growth + 4 * chunk_growth, report   # the chunk, its exp, a temporary
+    assert fused < unfused / 3, report

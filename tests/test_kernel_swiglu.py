@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.kernels.swiglu import _swiglu_forward, swiglu_reference, swiglu_triton
+from model.kernels.swiglu import _swiglu_forward, swiglu_recompute, swiglu_reference, swiglu_triton
 from tests.kernel_testing import DEVICE, DTYPES, assert_close, forward_backward, poisoned_allocations
 
-IMPLEMENTATIONS = {"triton": swiglu_triton, "reference": swiglu_reference}
+# "recompute" is the CPU path when gradients are needed: the reference arithmetic, keeping gate and up only.
+IMPLEMENTATIONS = {"triton": swiglu_triton, "reference": swiglu_reference, "recompute": swiglu_recompute}
 
 # one element; batch > 1 with Mistral-like hidden sizes that are not multiples of the 1024-element block.
 SHAPES = [(1, 1), (2, 7, 160), (3, 1537)]

@@ -1,4 +1,5 @@
 """LoRA layers, injection, merging and our adapter format, checked against float64 math and the untouched base."""
+import contextlib
 import copy
 import dataclasses
 import math
@@ -6,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lora import (LoRAConfig, LoRALinear, count_parameters, export_merged_hf, inject_lora, load_adapter,
                   lora_modules, merge_lora, parameter_summary, remove_lora, save_adapter, unmerge_lora)
@@ -92,6 +94,79 @@ def test_lora_path_runs_in_the_input_dtype():
     torch.testing.assert_close(y.double(), expected, atol=0.1, rtol=0.03)
 
 
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_path_matches_float64_with_the_same_mask(p):
+    # _DropoutThenA keeps x and a bool mask instead of nn.Dropout's two float copies. Replay its mask (same seed,
+    # same draw) and check the output and both gradients against float64 autograd of x * mask / (1 - p) @ A.T.
+    lora = LoRALinear(nn.Linear(24, 40, bias=False), r=4, alpha=8, dropout=p).train()
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    dy = torch.randn(3, 5, 40)
+    torch.manual_seed(123)
+    y = lora(x)
+    y.backward(dy)
+    torch.manual_seed(123)
+    keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - p)
+    assert 0 < keep.sum() < keep.numel()
+    d = lambda t: t.detach().double().requires_grad_()  # noqa: E731
+    x64, w64, a64, b64 = d(x), d(lora.base.weight), d(lora.lora_A), d(lora.lora_B)
+    y64 = x64 @ w64.T + 2 * ((x64 * keep / (1 - p)) @ a64.T) @ b64.T
+    y64.backward(dy.double())
+    # float32 sums of up to 40 products of O(1..10) terms: a few ulps of the largest, ~1e-5 absolute.
+    for ours, exact in [(y, y64), (x.grad, x64.grad), (lora.lora_A.grad, a64.grad), (lora.lora_B.grad, b64.grad)]:
+        torch.testing.assert_close(ours.double(), exact, atol=5e-5, rtol=1e-5)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd keeps for the backward of fn(), each storage counted once (shared inputs count once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_dropout_keeps_a_byte_mask_not_float_copies():
+    # Three adapters on one input, as q, k, v: nn.Dropout + linear keeps a float noise tensor and a float dropped
+    # copy per adapter (6 float copies of x); ours keeps x once and one bool mask per adapter.
+    x = torch.randn(64, 96, requires_grad=True)
+    adapters = [LoRALinear(nn.Linear(96, 96, bias=False), r=4, alpha=8, dropout=0.1).train() for _ in range(3)]
+    dropout = nn.Dropout(0.1)
+    ours = _saved_bytes(lambda: [a(x) for a in adapters])
+    plain = _saved_bytes(lambda: [a.base(x) + 2 * (dropout(x) @ a.lora_A.T) @ a.lora_B.T for a in adapters])
+    x_bytes = x.numel() * 4
+    weights = sum(a.base.weight.numel() * 4 for a in adapters)   # saved by both (the base's backward needs W)
+    assert plain - weights >= 6 * x_bytes
+    assert ours - weights <= x_bytes + 3 * x.numel() + 3 * 2 * (96 * 4 + 64 * 4) * 4
+
+
+def test_frozen_base_under_autocast_keeps_no_bf16_weight_copy():
+    # float32 weights, bf16 autocast: the same output and input gradient as nn.Linear under autocast, bit for bit,
+    # without holding the [out, in] bf16 copy of the frozen weight until the backward.
+    lora = LoRALinear(nn.Linear(96, 128, bias=False), r=4, alpha=8).train()
+    lora.base.requires_grad_(False)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(5, 96, requires_grad=True)
+    dy = torch.randn(5, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora(x)
+        y_ref = lora.base(x) + lora.scale * F.linear(F.linear(x, lora.lora_A), lora.lora_B)
+        saved = _saved_bytes(lambda: lora(x))
+        saved_plain = _saved_bytes(lambda: lora.base(x))
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    (dx_ref,) = torch.autograd.grad(y_ref, x, dy)
+    torch.testing.assert_close(dx, dx_ref, atol=1e-2, rtol=1e-2)   # both bf16 products, summed in another order
+    weight_bf16 = 96 * 128 * 2
+    assert saved_plain >= weight_bf16                          # nn.Linear under autocast keeps the bf16 copy ...
+    assert saved - 96 * 128 * 4 < weight_bf16                  # ... ours the float32 weight that exists anyway
+
+
 def test_nf4_base_forward_and_gradients_work_and_merge_refuses():
     base = NF4Linear.from_weight(torch.randn(12, 64))
     lora = LoRALinear(base, r=2, alpha=4).eval()
@@ -148,6 +223,43 @@ def test_dropout_is_on_the_lora_path_only():
     model.train()
     torch.testing.assert_close(model(x), base_logits, atol=1e-6, rtol=0)
     assert (model.eval()(x) - base_logits).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fused_head_loss_equals_logits_then_cross_entropy(autocast):
+    # model(x, targets=y) runs the head and the loss fused, the LoRA head's low-rank path as an extra term, so no
+    # [B, T, vocab] logits exist. Same seed, so every adapter draws the same dropout masks on both paths (training
+    # mode, dropout on): the loss and every LoRA gradient equal those of logits -> F.cross_entropy.
+    model = tiny(tied_embeddings=True)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.3))
+    randomise_lora(model)
+    model.train()
+    x, y = tokens(t=12), tokens(t=12)
+    y[0, 3] = -100   # an ignored target
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+
+    def run(fused: bool):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        with ctx:
+            loss = (model(x, targets=y) if fused else
+                    torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten()))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    (loss, grads), (ref, ref_grads) = run(True), run(False)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * (3 * 7 + 1)
+    if not autocast:
+        torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+        for n in grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    else:
+        # bf16 products round differently in the two orders (8 mantissa bits): compare whole tensors, relatively.
+        torch.testing.assert_close(loss, ref, atol=0, rtol=1e-2)
+        for n in grads:
+            error = (grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()
+            assert error < 3e-2, f"{n}: relative error {error:.3g}"
+    assert grads["output.lora_B"].abs().max() > 0
 
 
 def test_merge_unmerge_round_trip_and_merged_logits():

@@ -101,11 +101,13 @@ def test_existing_run_is_not_overwritten_by_accident(workdir, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_equal_one_process(workdir, monkeypatch, mode):
+    # DDP also evaluates before and after, each rank scoring half of the windows: the same perplexities.
     monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
     single = workdir / f"single-{mode}"
-    train.main(common(workdir, single, "--no-eval", "--lora-dropout", "0", "--steps", "4"))
+    no_eval = ["--no-eval"] if mode == "fsdp" else []
+    single_result = train.main(common(workdir, single, *no_eval, "--lora-dropout", "0", "--steps", "4"))
     out = workdir / mode
-    args = common(workdir, out, "--no-eval", "--lora-dropout", "0", "--steps", "4")
+    args = common(workdir, out, *no_eval, "--lora-dropout", "0", "--steps", "4")
     args[args.index("--grad-accum") + 1] = "1"  # 2 processes x 1 micro-batch = 1 process x 2 accumulated
     if mode == "fsdp":
         args.append("--fsdp")
@@ -117,12 +119,18 @@ def test_two_processes_equal_one_process(workdir, monkeypatch, mode):
     ours, theirs = (load_file(d / "adapter" / "adapter.safetensors") for d in (out, single))
     assert ours.keys() == theirs.keys()
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in ours)
+    if mode == "ddp":
+        summary = json.loads((out / "summary.json").read_text())
+        for when in ("before", "after"):
+            assert summary[when]["tokens"] == single_result[when]["tokens"]
+            assert summary[when]["perplexity"] == pytest.approx(single_result[when]["perplexity"], rel=1e-5)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch):
     monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
     out = workdir / "nan"
-    real = train.F.cross_entropy
+    import model.kernels
+    real = model.kernels.linear_cross_entropy   # the loss Transformer.forward(tokens, targets=...) computes
     calls = {"n": 0}
 
     def poisoned(*a, **k):  # the 9th micro-batch (step 5) returns NaN
@@ -130,10 +138,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypat
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] == 9 else loss
 
-    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(model.kernels, "linear_cross_entropy", poisoned)
     with pytest.raises(train.training.NonFiniteLoss, match="step 5"):
         train.main(common(workdir, out, "--no-eval"))
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4
     assert all(torch.isfinite(t).all() for t in ckpt["trainable"].values())
+
 

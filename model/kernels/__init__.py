@@ -5,14 +5,16 @@ references everywhere else; MINICURIE_KERNELS=auto|triton|reference or `with use
 `TRITON_INTERPRET=1` (set before anything imports triton) runs the Triton path on the CPU, which is how the tests
 check it.
 
-Call signatures (the decoder relies on these; linear_cross_entropy serves custom loops and bench/):
+Call signatures (the decoder relies on these; `Transformer(tokens, targets=...)` uses linear_cross_entropy):
     rms_norm(x[..., D], weight[D], eps) -> [..., D]                  x's dtype (promoted with weight's)
     apply_rope(x[B, T, H, Dh], cos[T, Dh/2], sin[T, Dh/2]) -> x       interleaved pairs (Mistral's convention)
     swiglu(gate[..., F], up[..., F]) -> silu(gate) * up
     attention(q[B, Hq, T, Dh], k[B, Hkv, T, Dh], v[B, Hkv, T, Dh], sliding_window) -> [B, Hq, T, Dh]
         causal over one whole sequence; query i sees key j iff i - W < j <= i (W = sliding_window, None: causal)
-    linear_cross_entropy(h[N, D], weight[V, D], targets[N], ignore_index=-100, label_smoothing=0.0)
-        -> mean loss over kept tokens; always chunked, so the [N, V] logits never exist (see cross_entropy.py)
+    linear_cross_entropy(h[N, D], weight[V, D], targets[N], ignore_index=-100, label_smoothing=0.0,
+                         extra_terms=((x[N, d], w[V, d]), ...))
+        -> mean loss over kept tokens of logits h @ weight.T (+ x @ w.T for each extra term: a LoRA head's
+           low-rank path); always chunked, so the [N, V] logits never exist (see cross_entropy.py)
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from model.kernels.flash_attention import attention_reference, causal_window_mas
 from model.kernels.flash_attention import flash_attention as flash_attention_triton
 from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 from model.kernels.rope import apply_rope_reference, apply_rope_triton
-from model.kernels.swiglu import swiglu_reference, swiglu_triton
+from model.kernels.swiglu import swiglu_recompute, swiglu_triton
 
 __all__ = ["rms_norm", "apply_rope", "swiglu", "attention", "linear_cross_entropy", "causal_window_mask",
            "attention_reference", "use_kernels"]
@@ -46,7 +48,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if use_triton(gate, up):
         return swiglu_triton(gate, up)
-    return swiglu_reference(gate, up)
+    return swiglu_recompute(gate, up)   # the reference's arithmetic, saving one tensor fewer for the backward
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
@@ -62,6 +64,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window:
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int = -100, label_smoothing: float = 0.0) -> torch.Tensor:
+                         ignore_index: int = -100, label_smoothing: float = 0.0,
+                         extra_terms: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()) -> torch.Tensor:
     return linear_cross_entropy_fused(h, weight, targets, ignore_index=ignore_index,
-                                      label_smoothing=label_smoothing, use_triton=use_triton(h, weight))
+                                      label_smoothing=label_smoothing, use_triton=use_triton(h, weight),
+                                      extra_terms=extra_terms)

@@ -23,6 +23,36 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _swiglu_grads(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d gate, d up of silu(gate) * up, in float32 arithmetic, returned in the inputs' dtypes."""
+    g, u, dy32 = gate.float(), up.float(), dy.float()
+    s = torch.sigmoid(g)
+    return (dy32 * u * s * (1 + g * (1 - s))).to(gate.dtype), (dy32 * g * s).to(up.dtype)
+
+
+class SwiGLURecompute(torch.autograd.Function):
+    """The reference arithmetic with the kernel's memory: keeps gate and up, recomputes sigmoid in the backward.
+
+    Eager autograd of F.silu(gate) * up keeps gate, silu(gate) and up (three [tokens, hidden_dim] tensors); this
+    keeps two. It is the CPU path of `model.kernels.swiglu` whenever a gradient is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _swiglu_grads(dy, *ctx.saved_tensors)
+
+
+def swiglu_recompute(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return SwiGLURecompute.apply(gate, up)
+    return swiglu_reference(gate, up)
+
+
 @jit
 def _swiglu_forward(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
