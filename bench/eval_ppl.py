@@ -7,8 +7,8 @@
 The text: whole documents of the Polish test split (`data.documents.read_documents("test")`) up to the token cap,
 chosen once and handed to both sides. Both tokenise them with our tokenizer and score the same sliding windows
 (`eval_ppl.windows`: inputs of ctx tokens every stride tokens, each target scored once).
-  ours    eval_ppl.evaluate_perplexity(model, tokenizer, documents, ctx, stride): batches of 4 windows, the output
-          head only over the positions a window scores, logits in chunks
+  ours    eval_ppl.evaluate_perplexity(model, tokenizer, documents, ctx, stride): one window per forward on the CPU
+          (its default there), the output head only over the positions a window scores
   theirs  transformers' model, one window at a time, the straightforward way: full logits [ctx, vocab],
           log_softmax, gather the targets' log-probabilities
 Both are timed from the documents' text to the total negative log-likelihood, alternating ours / theirs; tokens/s
