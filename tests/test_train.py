@@ -1,6 +1,7 @@
 """train.py end to end on a tiny model: resume after kill -9 reproduces the losses bitwise, DDP equals one process,
 a non-finite loss stops the run and keeps the last good checkpoint."""
 import json
+import math
 import os
 import random
 import shutil
@@ -146,3 +147,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypat
     assert all(torch.isfinite(t).all() for t in ckpt["trainable"].values())
 
 
+
+
+def test_curie_style_run_nf4_bf16_checkpointing_neftune(workdir, monkeypatch):
+    # The paper's combination on the tiny model: NF4 base, bf16 weights and autocast, activation checkpointing,
+    # NEFTune noise, the fused LoRA head + loss. It trains (finite, falling losses) and saves the adapter.
+    monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
+    out = workdir / "curie-style"
+    train.main(common(workdir, out, "--no-eval", "--quantize", "nf4", "--dtype", "bfloat16", "--autocast",
+                      "bfloat16", "--grad-checkpointing", "--neftune-alpha", "2", "--steps", "6"))
+    curve = losses(out)
+    assert len(curve) == 6 and all(map(math.isfinite, curve))
+    assert min(curve[-2:]) < curve[0]
+    assert (out / "adapter" / "adapter.safetensors").exists()
