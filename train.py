@@ -254,9 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = training.MetricsLog(out / "metrics.jsonl", resume_step=start_step if args.resume else None) \
         if main_process else None
 
-    eval_kw = dict(ctx=args.eval_ctx, stride=args.eval_stride, max_tokens=args.eval_max_tokens)
     # Every rank scores its share of the windows (distributed=True), so none idles at a collective meanwhile.
-    eval_kw = dict(eval_kw, distributed=world > 1, progress=main_process)
+    eval_kw = dict(ctx=args.eval_ctx, stride=args.eval_stride, max_tokens=args.eval_max_tokens,
+                   distributed=world > 1, progress=main_process)
     if eval_texts is not None and before is None:
         r = evaluate_perplexity(model, tokenizer, eval_texts, desc="base perplexity", **eval_kw)
         before = r.__dict__

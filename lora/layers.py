@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.kernels import compute_dtype
 from model.kernels.nf4 import frozen_linear
 
 
@@ -78,13 +79,13 @@ class LoRALinear(nn.Module):
         weight = getattr(self.base, "weight", None)
         if (type(self.base) is nn.Linear and self.base.bias is None and not weight.requires_grad
                 and torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type)
-                and weight.dtype != torch.get_autocast_dtype(x.device.type)):
+                and weight.dtype != compute_dtype(x)):
             return frozen_linear(x, weight.to)
         return self.base(x)
 
     def lora_down(self, x: torch.Tensor) -> torch.Tensor:
         """dropout(x) @ A.T: [..., in] -> [..., r]."""
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = compute_dtype(x)
         if self.training and self.dropout > 0:
             return _DropoutThenA.apply(x, self.lora_A, self.dropout, dtype)
         return F.linear(x.to(dtype), self.lora_A.to(dtype))

@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from model.kernels._switch import use_kernels, use_triton
-from model.kernels.cross_entropy import linear_cross_entropy_fused
+from model.kernels.cross_entropy import compute_dtype, linear_cross_entropy_fused
 from model.kernels.flash_attention import attention_reference, causal_window_mask
 from model.kernels.flash_attention import flash_attention as flash_attention_triton
 from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 from model.kernels.rope import apply_rope_reference, apply_rope_triton
 from model.kernels.swiglu import swiglu_recompute, swiglu_triton
 
-__all__ = ["rms_norm", "apply_rope", "swiglu", "attention", "linear_cross_entropy", "causal_window_mask",
-           "attention_reference", "use_kernels"]
+__all__ = ["rms_norm", "apply_rope", "swiglu", "attention", "linear_cross_entropy", "compute_dtype",
+           "causal_window_mask", "attention_reference", "use_kernels"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

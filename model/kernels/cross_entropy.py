@@ -154,7 +154,7 @@ def _chunked_loss_and_grads(terms: list[tuple[torch.Tensor, torch.Tensor]], targ
     return losses.sum(), grads
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype the matrix products run in: autocast's where it is on (as F.linear would), else the input's."""
     if torch.is_autocast_enabled(t.device.type):
         return torch.get_autocast_dtype(t.device.type)
@@ -219,7 +219,7 @@ def linear_cross_entropy_fused(h: torch.Tensor, weight: torch.Tensor, targets: t
     chunk_size = chunk_size or _default_chunk_size(h.shape[0], h.shape[1], weight.shape[0])
     targets = targets.contiguous()
     flat = [t for term in terms for t in term]
-    dtype = _compute_dtype(h)
+    dtype = compute_dtype(h)
     if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
         with torch.autocast(h.device.type, enabled=False):
             return LinearCrossEntropyFunction.apply(targets, ignore_index, label_smoothing, chunk_size, use_triton,
