@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--draft-tokens", type=int, default=0,
+                   help="greedy only: speculative decoding with up to N guesses per step, copied from earlier in the "
+                        "text (prompt lookup); same tokens, faster on text that repeats itself")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     args = p.parse_args(argv)
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     shown = ""
     start = time.perf_counter()
     for token in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          eos_id=tokenizer.eos_id, seed=args.seed):
+                          eos_id=tokenizer.eos_id, seed=args.seed, draft_tokens=args.draft_tokens):
         new.append(token)
         text = tokenizer.decode(new)
         # A byte-level token can end inside a multi-byte character: wait for the rest before printing.

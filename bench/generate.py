@@ -11,6 +11,10 @@ and read the same Polish prompt, tokenised once by our tokenizer. Measured, alte
                       then one token at a time through the rolling KV cache), theirs `generate(do_sample=False)`
                       with min_new_tokens = max_new_tokens, so both produce exactly the same number of tokens (the
                       two token sequences are also compared: greedy decoding must agree)
+  prompt lookup       the same greedy generation, speculative: up to --draft-tokens guesses copied from earlier in
+                      the text, checked in one forward pass (ours `generate(..., draft_tokens=N)`, theirs
+                      `generate(..., prompt_lookup_num_tokens=N, max_matching_ngram_size=3)`); the tokens must still
+                      be those of plain greedy decoding
   prefill             prompt tokens / seconds of one forward over the prompt. The target row pits ours
                       `model.prefill` (what generation runs: logits of the last position only) against theirs
                       `model(tokens)` (logits of every position); the two like-for-like rows below it compare
@@ -52,6 +56,7 @@ def main() -> None:
                         "other and both sides slow down several-fold)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per side (default 5; --quick 1)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of each side")
+    p.add_argument("--draft-tokens", type=int, default=6, help="guesses per step for the prompt-lookup rows")
     args = p.parse_args()
     prompt_len, new_tokens, prefill_len = (16, 8, 64) if args.quick else (64, 64, 512)
     runs = args.runs or (1 if args.quick else 5)
@@ -79,8 +84,22 @@ def main() -> None:
                               pad_token_id=tokenizer.eos_id)
         return out[0, len(prompt):].tolist()
 
-    same = ours_generate() == theirs_generate()  # also the warm-up round of the generation timing
-    decode = alternate({"ours": ours_generate, "theirs": theirs_generate}, runs, warmup=0)
+    def ours_lookup() -> list[int]:
+        return list(generate(ours, prompt, new_tokens, draft_tokens=args.draft_tokens))
+
+    @torch.no_grad()
+    def theirs_lookup() -> list[int]:
+        out = theirs.generate(prompt_tensor, attention_mask=torch.ones_like(prompt_tensor), do_sample=False,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.eos_id,
+                              prompt_lookup_num_tokens=args.draft_tokens, max_matching_ngram_size=3)
+        return out[0, len(prompt):].tolist()
+
+    # Also the warm-up round of the generation timing: every variant must give the tokens of plain greedy decoding.
+    reference = ours_generate()
+    same = {name: fn() == reference for name, fn in (("theirs", theirs_generate), ("ours lookup", ours_lookup),
+                                                     ("theirs lookup", theirs_lookup))}
+    decode = alternate({"ours": ours_generate, "theirs": theirs_generate, "ours lookup": ours_lookup,
+                        "theirs lookup": theirs_lookup}, runs, warmup=0)
 
     @torch.no_grad()
     def ours_prefill() -> torch.Tensor:
@@ -113,6 +132,10 @@ def main() -> None:
 
     add(f"greedy generation, {prompt_len}-token prompt + {new_tokens} new (new tok/s)", new_tokens,
         decode["ours"], decode["theirs"], GENERATE_TARGET)
+    add(f"greedy generation: ours with prompt lookup ({args.draft_tokens} guesses) vs theirs plain",
+        new_tokens, decode["ours lookup"], decode["theirs"], GENERATE_TARGET)
+    add(f"greedy generation, prompt lookup ({args.draft_tokens} guesses) on both sides", new_tokens,
+        decode["ours lookup"], decode["theirs lookup"], None)
     add(f"prefill {prefill_len} tokens: ours `prefill` (last logits) vs theirs `model(tokens)` (all logits)",
         prefill_len, prefill["ours prefill"], prefill["theirs all"], PREFILL_TARGET)
     add(f"prefill {prefill_len} tokens, last-position logits on both sides", prefill_len,
@@ -121,7 +144,9 @@ def main() -> None:
         prefill["ours all"], prefill["theirs all"], None)
     print(markdown_table(["measurement (tokens/s, median)", "ours", "transformers", "ours / theirs", "target",
                           "verdict"], rows))
-    print(f"\ngreedy tokens identical: {'yes' if same else 'NO'}; load average at the end: {load_average()}")
+    agree = ", ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in same.items())
+    print(f"\ngreedy tokens identical to ours plain ({new_tokens} new): {agree}; "
+          f"load average at the end: {load_average()}")
 
     if args.profile:
         for name, fn in (("ours, greedy generation", ours_generate), ("transformers, greedy generation",

@@ -10,6 +10,10 @@ New tokens are handled in two steps per layer:
   2. store: the chunk's last min(T, capacity) keys and values overwrite their slots.
 Attending before storing is what makes chunks longer than the window correct: a chunk's early queries still need
 keys that its later keys would overwrite.
+
+Speculative decoding feeds a few guessed tokens at once and then takes back the ones the model disagrees with
+(`rewind`). Their keys were stored already and overwrote the keys of older positions, which later queries may still
+need within the window: `lookahead` extra slots (W + lookahead in all) keep those older keys out of harm's way.
 """
 from __future__ import annotations
 
@@ -21,14 +25,15 @@ from model.args import ModelArgs
 
 class RollingKVCache:
     def __init__(self, args: ModelArgs, batch_size: int, max_tokens: int | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, lookahead: int = 0):
         window = args.sliding_window
         if window is None and max_tokens is None:
             raise ValueError("a model without a sliding window needs max_tokens to size its cache")
-        # Never more slots than tokens will be seen, never more than the window.
-        self.capacity = min(c for c in (window, max_tokens) if c is not None)
+        # Never more slots than tokens will be seen, never more than the window (plus the rewindable lookahead).
+        self.capacity = min(c for c in (window and window + lookahead, max_tokens) if c is not None)
         self.sliding_window = window
         self.max_tokens = max_tokens
+        self.lookahead = lookahead
         shape = (args.n_layers, batch_size, args.n_kv_heads, self.capacity, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -69,6 +74,20 @@ class RollingKVCache:
         self.k[layer].index_copy_(2, slots, k[:, :, t - keep:])
         self.v[layer].index_copy_(2, slots, v[:, :, t - keep:])
         return out
+
+    def rewind(self, n: int) -> None:
+        """Forget the last n positions (draft tokens that speculative decoding rejected).
+
+        Their slots keep stale keys that no later query sees. Slots at or past the new `pos` are not in use yet;
+        after wrapping, `_slot_positions` maps a stale slot to a position at least W back, which the window masks.
+        What rewinding cannot undo is the older key each stale slot overwrote: a position that may still be in the
+        window of the next query, unless `lookahead` extra slots put it at least W back.
+        """
+        wrapped = self.sliding_window is not None and self.pos > self.capacity
+        if not 0 <= n <= self.pos or (wrapped and n > self.capacity - self.sliding_window + 1):
+            raise ValueError(f"cannot rewind {n} of {self.pos} positions in a cache of {self.capacity} slots "
+                             f"(window {self.sliding_window}); make it with lookahead >= {n}")
+        self.pos -= n
 
     def reset(self) -> None:
         self.pos = 0

@@ -2,10 +2,18 @@
 
 Sampling follows the usual order: logits / temperature -> keep the top_k largest -> keep the smallest set whose
 probability reaches top_p (the nucleus) -> draw. temperature 0 means greedy (argmax), with no randomness at all.
+
+Greedy decoding can also run speculatively (`draft_tokens > 0`): guess the next few tokens cheaply, score them all
+in one forward pass, keep the longest run of guesses that the model's own argmax agrees with, plus the model's token
+after it. Each accepted guess is a token for free: on a CPU (or a GPU at batch 1) a decode step is bound by reading
+every weight once, and reading them once for 1 + d tokens costs about as much as for one. The tokens are those of
+plain greedy decoding (up to floating-point near-ties: a chunk's logits may round differently from one token's).
+The default guesser is prompt lookup: find the latest earlier occurrence of the text's last few tokens and copy what
+followed it, which pays off on text that repeats itself (names, lists, code, quoted input).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -35,10 +43,21 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
 @torch.no_grad()
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             seed: int | None = None, chunk_size: int | None = None) -> Iterator[int]:
-    """Yield up to max_new_tokens new token ids, one as soon as it is chosen; stop after eos_id."""
+             seed: int | None = None, chunk_size: int | None = None, draft_tokens: int = 0,
+             draft: Callable[[list[int], int], list[int]] | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens new token ids, one as soon as it is chosen; stop after eos_id.
+
+    draft_tokens > 0 (greedy only): speculative decoding with up to that many guesses per forward pass, from
+    `draft(context, n) -> up to n token ids` (default: `prompt_lookup`).
+    """
     if not prompt:
         raise ValueError("generate() needs a non-empty prompt (at least a BOS token)")
+    if draft_tokens < 0:
+        raise ValueError(f"draft_tokens must be >= 0, got {draft_tokens}")
+    if draft_tokens and temperature <= 0:
+        yield from _greedy_speculative(model, prompt, max_new_tokens, eos_id, chunk_size, draft_tokens,
+                                       draft or prompt_lookup)
+        return
     device = next(model.parameters()).device
     generator = None
     if seed is not None:
@@ -52,3 +71,43 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
         if t == eos_id or i == max_new_tokens - 1:
             return
         logits = model(token.view(1, 1), cache)[:, -1]
+
+
+def prompt_lookup(context: list[int], n: int, max_ngram: int = 3) -> list[int]:
+    """Up to n guessed next tokens: what followed the latest earlier occurrence of the context's last max_ngram
+    tokens (or, failing that, of fewer: down to the last token alone); [] when nothing matches."""
+    for size in range(min(max_ngram, len(context) - 1), 0, -1):
+        tail = context[-size:]
+        for start in range(len(context) - size - 1, -1, -1):  # latest first: the freshest repetition
+            if context[start:start + size] == tail:
+                return context[start + size:start + size + n]
+    return []
+
+
+def _greedy_speculative(model: Transformer, prompt: list[int], max_new_tokens: int, eos_id: int | None,
+                        chunk_size: int | None, draft_tokens: int,
+                        draft: Callable[[list[int], int], list[int]]) -> Iterator[int]:
+    if max_new_tokens <= 0:
+        return
+    device = next(model.parameters()).device
+    cache = model.make_cache(1, max_tokens=len(prompt) + max_new_tokens, lookahead=draft_tokens)
+    token = int(model.prefill(torch.tensor([prompt], device=device), cache, chunk_size).argmax(-1))
+    context, produced = list(prompt) + [token], 1
+    yield token
+    while token != eos_id and produced < max_new_tokens:
+        # Never guess past the last token asked for: a step yields the accepted guesses plus one token more.
+        n = min(draft_tokens, max_new_tokens - produced - 1)
+        guesses = [int(t) for t in draft(context, n)][:n]
+        # The cache holds everything but the newest token: feed it with the guesses, [1, 1 + d].
+        fed = torch.tensor([[token] + guesses], device=device)
+        best = model(fed, cache)[0].argmax(-1).tolist()                  # best[i]: the greedy token after fed[i]
+        accepted = 0
+        while accepted < len(guesses) and guesses[accepted] == best[accepted]:
+            accepted += 1
+        cache.rewind(len(guesses) - accepted)                             # the keys of rejected guesses
+        for token in guesses[:accepted] + [best[accepted]]:
+            context.append(token)
+            produced += 1
+            yield token
+            if token == eos_id or produced == max_new_tokens:
+                return

@@ -145,11 +145,13 @@ class Transformer(nn.Module):
         (h, weight), *extra = terms
         return kernels.linear_cross_entropy(h, weight, targets.flatten(), extra_terms=tuple(extra))
 
-    def make_cache(self, batch_size: int, max_tokens: int | None = None) -> RollingKVCache:
-        """A rolling-buffer cache of min(sliding_window, max_tokens) slots per layer; it refuses to go past
-        max_tokens unless it holds a whole window (then it rolls for ever)."""
+    def make_cache(self, batch_size: int, max_tokens: int | None = None, lookahead: int = 0) -> RollingKVCache:
+        """A rolling-buffer cache of min(sliding_window + lookahead, max_tokens) slots per layer; it refuses to go
+        past max_tokens unless it holds a whole window (then it rolls for ever). `lookahead`: how many positions
+        speculative decoding may take back (`RollingKVCache.rewind`)."""
         p = next(self.parameters())
-        return RollingKVCache(self.args, batch_size, max_tokens=max_tokens, device=p.device, dtype=p.dtype)
+        return RollingKVCache(self.args, batch_size, max_tokens=max_tokens, device=p.device, dtype=p.dtype,
+                              lookahead=lookahead)
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, cache: RollingKVCache, chunk_size: int | None = None) -> torch.Tensor:

@@ -77,3 +77,87 @@ def test_cache_smaller_than_window_refuses_to_wrap(tiny):
         tiny(torch.randint(0, tiny.args.vocab_size, (1, 3)), cache)
         with pytest.raises(ValueError, match="exceed"):
             tiny(torch.randint(0, tiny.args.vocab_size, (1, 1)), cache)
+
+
+# Speculative greedy decoding: guesses checked in one forward pass, rejected ones rewound out of the rolling cache.
+
+def _float64_model(window: int | None) -> Transformer:
+    args = ModelArgs.from_name("tiny")
+    args.sliding_window = window
+    # float64: the chunk of guesses and the single-token steps round differently; float64 keeps argmax ties away.
+    return Transformer(args).double().eval()
+
+
+def _plain_greedy(model, prompt, n, eos_id=None):
+    return list(generate(model, prompt, n, eos_id=eos_id))
+
+
+@pytest.mark.parametrize("window", [5, None])
+@pytest.mark.parametrize("guesser", ["lookup", "oracle", "corrupted", "random"])
+def test_speculative_greedy_equals_plain_greedy(window, guesser):
+    model = _float64_model(window)
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.args.vocab_size
+    # A prompt that repeats itself, so that prompt lookup has something to find.
+    motif = torch.randint(0, vocab, (4,), generator=gen).tolist()
+    prompt = torch.randint(0, vocab, (6,), generator=gen).tolist() + motif * 3
+    new = 40                                     # the window of 5 wraps many times
+    expected = _plain_greedy(model, prompt, new)
+
+    def oracle(context, n):                       # the true continuation: every guess accepted
+        done = len(context) - len(prompt)
+        return expected[done:done + n]
+
+    def corrupted(context, n):                    # true, then wrong from a random point on: partial acceptance
+        guesses = oracle(context, n)
+        if guesses:
+            i = int(torch.randint(0, len(guesses), (1,), generator=gen))
+            guesses[i] = (guesses[i] + 1) % vocab
+        return guesses
+
+    def random_guess(context, n):                 # almost always rejected: the rewind path at every step
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    draft = {"lookup": None, "oracle": oracle, "corrupted": corrupted, "random": random_guess}[guesser]
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
+    got = list(generate(model, prompt, new, draft_tokens=4, draft=draft))
+    hook.remove()
+    assert got == expected
+    decode_steps = len(calls)                     # the prefill runs through model.prefill, not forward
+    if guesser == "oracle":
+        assert decode_steps == -(-(new - 1) // 5)  # 4 guesses + 1 token per step after the prefill's token
+    if guesser in ("random", "corrupted"):
+        assert max(calls) > 1                     # guesses were fed (and mostly rejected)
+
+
+def test_speculative_greedy_stops_at_eos_and_at_max_new_tokens():
+    model = _float64_model(5)
+    prompt = [3, 4, 5, 3, 4, 5, 3, 4]
+    expected = _plain_greedy(model, prompt, 12)
+    for eos in (expected[0], expected[5]):
+        got = list(generate(model, prompt, 12, eos_id=eos, draft_tokens=3))
+        assert got == _plain_greedy(model, prompt, 12, eos_id=eos) and got[-1] == eos
+    for n in (0, 1, 2, 7):
+        oracle = lambda context, k: expected[len(context) - len(prompt):][:k + 3]  # noqa: E731 (too many: cut to k)
+        assert list(generate(model, prompt, n, draft_tokens=3, draft=oracle)) == expected[:n]
+
+
+def test_prompt_lookup_copies_what_followed_the_latest_match():
+    from model.generate import prompt_lookup
+    assert prompt_lookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 2) == [7, 8]      # latest of two matches
+    assert prompt_lookup([5, 6, 7, 8, 0, 6], 3) == [7, 8, 0]                      # falls back to one token
+    assert prompt_lookup([1, 2, 3, 4], 3) == []                                   # nothing repeats
+    assert prompt_lookup([4], 3) == []
+
+
+def test_rewind_refuses_to_undo_more_than_the_lookahead_once_wrapped(tiny):
+    cache = tiny.make_cache(1, max_tokens=100, lookahead=2)
+    assert cache.capacity == tiny.args.sliding_window + 2
+    with torch.no_grad():
+        tiny(torch.randint(0, tiny.args.vocab_size, (1, 12)), cache)    # 12 > 7 slots: wrapped
+    cache.rewind(3)                                                      # lookahead 2 -> W + 2 - W + 1 = 3
+    with pytest.raises(ValueError, match="lookahead"):
+        cache.rewind(4)
+    with pytest.raises(ValueError, match="rewind"):
+        tiny.make_cache(1, max_tokens=10).rewind(1)                      # nothing cached yet

@@ -42,3 +42,17 @@ def test_greedy_generation_is_token_identical(models):
                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):]
     assert mine == theirs.tolist()
     assert len(mine) == 32
+
+
+def test_speculative_greedy_on_the_real_model_gives_the_same_tokens(models, smollm2_gguf, capsys):
+    """Prompt lookup on text that repeats itself: the real fp32 model's chunked verification picks the tokens of
+    plain greedy decoding, through the library and through generate.py."""
+    import generate as generate_cli
+    ours, tokenizer, _ = models
+    prompt = tokenizer.encode(TEXT[:400], bos=True)
+    plain = list(generate(ours, prompt, 24))
+    assert list(generate(ours, prompt, 24, draft_tokens=6)) == plain
+    capsys.readouterr()
+    generate_cli.main(["--model", str(smollm2_gguf), "--prompt", TEXT[:400], "--max-new-tokens", "24",
+                       "--draft-tokens", "6"])
+    assert capsys.readouterr().out == TEXT[:400] + tokenizer.decode(plain)
