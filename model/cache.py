@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model import kernels
 from model.args import ModelArgs
 
 
@@ -58,16 +59,21 @@ class RollingKVCache:
             raise ValueError(f"KV cache holds {self.capacity} tokens; {self.pos} + {t} would exceed it "
                              f"(make the cache with a larger max_tokens)")
         n_cached = min(self.pos, self.capacity)
-        keys = torch.cat((self.k[layer, :, :, :n_cached], k), dim=2)      # [B, Hkv, n_cached + T, D]
-        values = torch.cat((self.v[layer, :, :, :n_cached], v), dim=2)
         q_pos = torch.arange(self.pos, self.pos + t, device=q.device)
-        k_pos = torch.cat((self._slot_positions(q.device), q_pos))
-        visible = k_pos[None, :] <= q_pos[:, None]                         # [T, n_cached + T]
-        if self.sliding_window is not None:
-            visible &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
-        mask = None if bool(visible.all()) else visible  # a decode step inside the window needs no mask
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+        if n_cached == 0:
+            # A first chunk sees only itself: the model's own causal sliding-window attention. (On the CPU that is
+            # SDPA with is_causal, which skips the key blocks above the diagonal: an explicit mask would not.)
+            out = kernels.attention(q, k, v, self.sliding_window)
+        else:
+            keys = torch.cat((self.k[layer, :, :, :n_cached], k), dim=2)      # [B, Hkv, n_cached + T, D]
+            values = torch.cat((self.v[layer, :, :, :n_cached], v), dim=2)
+            k_pos = torch.cat((self._slot_positions(q.device), q_pos))
+            visible = k_pos[None, :] <= q_pos[:, None]                         # [T, n_cached + T]
+            if self.sliding_window is not None:
+                visible &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
+            mask = None if bool(visible.all()) else visible  # a decode step inside the window needs no mask
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
         # Store the chunk's last `capacity` keys in their slots (earlier ones would be overwritten anyway).
         keep = min(t, self.capacity)
         slots = q_pos[t - keep:] % self.capacity
