@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     args = p.parse_args(argv)
+    if args.draft_tokens and args.temperature > 0:
+        p.error("--draft-tokens works with greedy decoding only (--temperature 0)")
 
     model, tokenizer = load(args.model, device=args.device, dtype=DTYPES[args.dtype])
     if args.adapter:

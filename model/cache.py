@@ -34,7 +34,6 @@ class RollingKVCache:
         self.capacity = min(c for c in (window and window + lookahead, max_tokens) if c is not None)
         self.sliding_window = window
         self.max_tokens = max_tokens
-        self.lookahead = lookahead
         shape = (args.n_layers, batch_size, args.n_kv_heads, self.capacity, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)

@@ -54,7 +54,10 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
         raise ValueError("generate() needs a non-empty prompt (at least a BOS token)")
     if draft_tokens < 0:
         raise ValueError(f"draft_tokens must be >= 0, got {draft_tokens}")
-    if draft_tokens and temperature <= 0:
+    if draft_tokens and temperature > 0:
+        raise ValueError(f"draft_tokens (speculative decoding) works with greedy decoding only, got temperature "
+                         f"{temperature}")
+    if draft_tokens:
         yield from _greedy_speculative(model, prompt, max_new_tokens, eos_id, chunk_size, draft_tokens,
                                        draft or prompt_lookup)
         return

@@ -143,6 +143,13 @@ def test_speculative_greedy_stops_at_eos_and_at_max_new_tokens():
         assert list(generate(model, prompt, n, draft_tokens=3, draft=oracle)) == expected[:n]
 
 
+def test_speculative_decoding_refuses_sampling_and_negative_drafts(tiny):
+    with pytest.raises(ValueError, match="greedy"):
+        list(generate(tiny, [1, 2, 3], 4, temperature=0.7, draft_tokens=3))
+    with pytest.raises(ValueError, match="draft_tokens"):
+        list(generate(tiny, [1, 2, 3], 4, draft_tokens=-1))
+
+
 def test_prompt_lookup_copies_what_followed_the_latest_match():
     from model.generate import prompt_lookup
     assert prompt_lookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 2) == [7, 8]      # latest of two matches
