@@ -340,12 +340,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.export_merged:
             export_merged_hf(model, model.args, out / "merged")
         if after is not None:
-            r = after
-            result["after"] = r.__dict__
-            drop = 1 - r.perplexity / before["perplexity"]
+            result["after"] = after.__dict__
+            drop = 1 - after.perplexity / before["perplexity"]
             result["perplexity_drop"] = drop
-            say(f"\n{args.eval_data} perplexity: base {before['perplexity']:.3f} -> adapted {r.perplexity:.3f} "
-                f"({drop:.1%} lower); bits/byte {before['bits_per_byte']:.4f} -> {r.bits_per_byte:.4f}")
+            say(f"\n{args.eval_data} perplexity: base {before['perplexity']:.3f} -> adapted {after.perplexity:.3f} "
+                f"({drop:.1%} lower); bits/byte {before['bits_per_byte']:.4f} -> {after.bits_per_byte:.4f}")
         training.loss_curve_svg(metrics.records, out / "loss.svg", f"LAPT of {args.model}")
         training.atomic_write_text(out / "summary.json", json.dumps(result, indent=2))
         say(f"run folder: {out} (adapter/, metrics.jsonl, loss.svg, summary.json)")
