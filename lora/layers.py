@@ -23,9 +23,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from model.kernels import compute_dtype
+from model.kernels import compute_dtype, linear, matmul_nt
 from model.kernels.nf4 import frozen_linear
 
 
@@ -70,14 +69,14 @@ class LoRALinear(nn.Module):
         # only on this path, so the frozen base sees the clean input, as in the LoRA paper.
         down = self.lora_down(x)
         # In place into y (nothing keeps the base's output for its backward): no [..., out] temporaries beyond one.
-        return y.add_(F.linear(down, self.lora_B.to(down.dtype)), alpha=self.scale)
+        return y.add_(linear(down, self.lora_B.to(down.dtype)), alpha=self.scale)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Autograd of F.linear under autocast keeps the bf16 copy of a float32 W it multiplied by, for dx = dy @ W:
         # 2 bytes per frozen parameter held from the forward to the backward, the whole model over again. W is in
         # memory anyway: frozen_linear (as for an NF4 base) casts it again in the backward instead.
         weight = getattr(self.base, "weight", None)
-        if (type(self.base) is nn.Linear and self.base.bias is None and not weight.requires_grad
+        if (isinstance(self.base, nn.Linear) and self.base.bias is None and not weight.requires_grad
                 and torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type)
                 and weight.dtype != compute_dtype(x)):
             return frozen_linear(x, weight.to)
@@ -88,7 +87,7 @@ class LoRALinear(nn.Module):
         dtype = compute_dtype(x)
         if self.training and self.dropout > 0:
             return _DropoutThenA.apply(x, self.lora_A, self.dropout, dtype)
-        return F.linear(x.to(dtype), self.lora_A.to(dtype))
+        return linear(x.to(dtype), self.lora_A.to(dtype))
 
     def logit_terms(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This layer's output as a sum of products x_k @ w_k.T, [(x, W), (scale * dropout(x) A^T, B)], for a fused
@@ -154,7 +153,7 @@ class _DropoutThenA(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
         keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
         with torch.autocast(x.device.type, enabled=False):   # the products run in `dtype`, chosen by the caller
-            u = F.linear(_apply_mask(x, keep, p, dtype), lora_A.to(dtype))
+            u = matmul_nt(_apply_mask(x, keep, p, dtype), lora_A.to(dtype))
         ctx.save_for_backward(x, keep, lora_A)
         ctx.p, ctx.dtype = p, dtype
         return u
@@ -166,9 +165,9 @@ class _DropoutThenA(torch.autograd.Function):
         dx = dA = None
         if ctx.needs_input_grad[1]:
             dropped = _apply_mask(x, keep, ctx.p, ctx.dtype)                                 # [..., in]
-            dA = (du.flatten(0, -2).T @ dropped.flatten(0, -2)).to(lora_A.dtype)            # [r, in]
+            dA = matmul_nt(du.flatten(0, -2).T, dropped.flatten(0, -2).T).to(lora_A.dtype)   # [r, in]
         if ctx.needs_input_grad[0]:
-            dx = _apply_mask(du @ lora_A.to(ctx.dtype), keep, ctx.p, x.dtype)                # [..., in]
+            dx = _apply_mask(matmul_nt(du, lora_A.to(ctx.dtype).T), keep, ctx.p, x.dtype)   # [..., in]
         return dx, dA, None, None
 
 

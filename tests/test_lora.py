@@ -16,7 +16,7 @@ from model.args import ModelArgs
 from model.loading import load
 from model.nf4 import NF4Linear
 from model.safetensors import load_file, save_file
-from model.transformer import Transformer
+from model.transformer import Linear, Transformer
 
 
 def tiny(**changes) -> Transformer:
@@ -294,7 +294,7 @@ def test_remove_lora_merged_and_discarded():
     with_lora = model(x)
     discarded = copy.deepcopy(model)
     remove_lora(model, merge=True)
-    assert not lora_modules(model) and type(model.layers[0].attention.wq) is nn.Linear
+    assert not lora_modules(model) and type(model.layers[0].attention.wq) is Linear
     torch.testing.assert_close(model(x), with_lora, atol=1e-5, rtol=1e-6)
     remove_lora(discarded, merge=False)
     torch.testing.assert_close(discarded(x), base_logits, atol=0, rtol=0)
@@ -426,7 +426,10 @@ def test_merged_export_reloads_with_our_loader_merged_or_not(tmp_path):
         torch.testing.assert_close(c[name], a[name], atol=1e-6, rtol=0)
     reloaded, _ = load(tmp_path / "a", require_tokenizer=False)
     assert not reloaded.args.tied_embeddings
-    torch.testing.assert_close(reloaded(x), expected, atol=1e-5, rtol=1e-5)
+    # The randomised adapters push logits to ~60; at that scale float32 rounds a sum at ~60 * 2^-24 per term, and
+    # merged (W + s B A) and unmerged (W, then B A) add the same products in another order: a few 1e-5 apart, each
+    # within 2e-5 of float64 (measured).
+    torch.testing.assert_close(reloaded(x), expected, atol=3e-5, rtol=1e-5)
 
 
 def test_merged_export_refuses_a_quantised_base(tmp_path):

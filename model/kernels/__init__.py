@@ -2,6 +2,7 @@
 
 One switch (model/kernels/_switch.py) decides the path per call: the Triton kernels for CUDA tensors, the
 references everywhere else; MINICURIE_KERNELS=auto|triton|reference or `with use_kernels("triton"):` forces one.
+`linear` is the exception: cuBLAS on CUDA, and oneDNN for float32 products on the CPU (see linear.py).
 `TRITON_INTERPRET=1` (set before anything imports triton) runs the Triton path on the CPU, which is how the tests
 check it.
 
@@ -11,6 +12,7 @@ Call signatures (the decoder relies on these; `Transformer(tokens, targets=...)`
     swiglu(gate[..., F], up[..., F]) -> silu(gate) * up
     attention(q[B, Hq, T, Dh], k[B, Hkv, T, Dh], v[B, Hkv, T, Dh], sliding_window) -> [B, Hq, T, Dh]
         causal over one whole sequence; query i sees key j iff i - W < j <= i (W = sliding_window, None: causal)
+    linear(x[..., in], weight[out, in], bias=None) -> x @ weight.T + bias   oneDNN for float32 on the CPU
     linear_cross_entropy(h[N, D], weight[V, D], targets[N], ignore_index=-100, label_smoothing=0.0,
                          extra_terms=((x[N, d], w[V, d]), ...))
         -> mean loss over kept tokens of logits h @ weight.T (+ x @ w.T for each extra term: a LoRA head's
@@ -25,12 +27,13 @@ from model.kernels._switch import use_kernels, use_triton
 from model.kernels.cross_entropy import compute_dtype, linear_cross_entropy_fused
 from model.kernels.flash_attention import attention_reference, causal_window_mask
 from model.kernels.flash_attention import flash_attention as flash_attention_triton
+from model.kernels.linear import linear, matmul_nt
 from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 from model.kernels.rope import apply_rope_reference, apply_rope_triton
 from model.kernels.swiglu import swiglu_recompute, swiglu_triton
 
-__all__ = ["rms_norm", "apply_rope", "swiglu", "attention", "linear_cross_entropy", "compute_dtype",
-           "causal_window_mask", "attention_reference", "use_kernels"]
+__all__ = ["rms_norm", "apply_rope", "swiglu", "attention", "linear", "matmul_nt", "linear_cross_entropy",
+           "compute_dtype", "causal_window_mask", "attention_reference", "use_kernels"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from model.kernels._switch import jit, tl, triton
+from model.kernels.linear import matmul_nt
 
 
 def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -141,16 +142,16 @@ def _chunked_loss_and_grads(terms: list[tuple[torch.Tensor, torch.Tensor]], targ
     write_grad = any(needs_grad)
     for s in range(0, n, chunk_size):
         rows = slice(s, s + chunk_size)
-        logits = terms[0][0][rows] @ terms[0][1].T                                   # [C, V]
+        logits = matmul_nt(terms[0][0][rows], terms[0][1])                           # [C, V]
         for x, w in terms[1:]:
             logits.addmm_(x[rows], w.T)
         losses[rows] = step(logits, targets[rows], ignore_index, label_smoothing, write_grad=write_grad)
         for k, (x, w) in enumerate(terms):   # logits now hold d loss / d logits
             dx, dw = grads[2 * k], grads[2 * k + 1]
             if dx is not None:
-                torch.mm(logits, w, out=dx[rows])                                    # [C, V] @ [V, D_k]
+                dx[rows] = matmul_nt(logits, w.T)                                    # [C, V] @ [V, D_k]
             if dw is not None:
-                dw += (logits.T @ x[rows]).float()                                   # [V, C] @ [C, D_k]
+                dw += matmul_nt(logits.T, x[rows].T).float()                         # [V, C] @ [C, D_k]
     return losses.sum(), grads
 
 

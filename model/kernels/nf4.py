@@ -8,7 +8,7 @@ Dequantisation (model/nf4.py has the format and the plain-PyTorch reference) is,
 
 Both levels are fused into one pass: each program reads BLOCK weights' worth of bytes and scale codes (about
 0.52 bytes per weight) and writes BLOCK weights, so the kernel runs at the speed of writing the output. The matmul
-that follows is cuBLAS's (F.linear): for training batches of thousands of tokens a fused dequant-matmul saves
+that follows is cuBLAS's (`matmul_nt`; oneDNN on the CPU): for training batches of thousands of tokens a fused dequant-matmul saves
 little next to the GEMM itself, and this keeps the kernel small enough to read.
 
 `frozen_linear` is the autograd wrapper. The base weight is frozen, so the backward needs only grad_x = grad_y @ W;
@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from model.kernels._switch import jit, tl, triton
+from model.kernels.linear import matmul_nt
 
 # Weights per program: large enough that a program is a sizeable memory transaction on a GPU, and that the
 # interpreter (which pays ~1 ms per program on the CPU) runs the tests quickly.
@@ -68,13 +68,13 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
         ctx.weight = weight
-        return F.linear(x, weight(x.dtype))                     # [..., in] @ [in, out] -> [..., out]
+        return matmul_nt(x, weight(x.dtype))                    # [..., in] @ [in, out] -> [..., out]
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad_y @ ctx.weight(grad_y.dtype), None          # [..., out] @ [out, in] -> [..., in]
+        return matmul_nt(grad_y, ctx.weight(grad_y.dtype).T), None   # [..., out] @ [out, in] -> [..., in]
 
 
 def frozen_linear(x: torch.Tensor, weight: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
