@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from lora import (LoRAConfig, LoRALinear, count_parameters, export_merged_hf, inject_lora, load_adapter,
                   lora_modules, merge_lora, parameter_summary, remove_lora, save_adapter, unmerge_lora)
 from lora.adapter import ADAPTER_WEIGHTS
+from lora.layers import dropout_keep_mask
 from model.args import ModelArgs
 from model.loading import load
 from model.nf4 import NF4Linear
@@ -107,7 +108,7 @@ def test_dropout_path_matches_float64_with_the_same_mask(p):
     y = lora(x)
     y.backward(dy)
     torch.manual_seed(123)
-    keep = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1 - p)
+    keep = dropout_keep_mask(x, p)
     assert 0 < keep.sum() < keep.numel()
     d = lambda t: t.detach().double().requires_grad_()  # noqa: E731
     x64, w64, a64, b64 = d(x), d(lora.base.weight), d(lora.lora_A), d(lora.lora_B)
