@@ -9,7 +9,8 @@ New tokens are handled in two steps per layer:
      from absolute positions (cached slot s holds the latest position p < pos with p % capacity == s);
   2. store: the chunk's last min(T, capacity) keys and values overwrite their slots.
 Attending before storing is what makes chunks longer than the window correct: a chunk's early queries still need
-keys that its later keys would overwrite.
+keys that its later keys would overwrite. A single new token (a decode step) can store first and attend to the
+buffer in place, without a mask or a copy (`_decode_step`).
 
 Speculative decoding feeds a few guessed tokens at once and then takes back the ones the model disagrees with
 (`rewind`). Their keys were stored already and overwrote the keys of older positions, which later queries may still
@@ -58,6 +59,8 @@ class RollingKVCache:
             raise ValueError(f"KV cache holds {self.capacity} tokens; {self.pos} + {t} would exceed it "
                              f"(make the cache with a larger max_tokens)")
         n_cached = min(self.pos, self.capacity)
+        if t == 1 and n_cached > 0 and (self.sliding_window is None or self.capacity <= self.sliding_window):
+            return self._decode_step(layer, q, k, v)
         q_pos = torch.arange(self.pos, self.pos + t, device=q.device)
         if n_cached == 0:
             # A first chunk sees only itself: the model's own causal sliding-window attention. (On the CPU that is
@@ -79,6 +82,21 @@ class RollingKVCache:
         self.k[layer].index_copy_(2, slots, k[:, :, t - keep:])
         self.v[layer].index_copy_(2, slots, v[:, :, t - keep:])
         return out
+
+    def _decode_step(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One new token, the common case of generation: store first, then attend to the buffer as it is.
+
+        Storing first is safe here: the slot it overwrites holds position pos - capacity, at least W back, which the
+        new query must not see anyway. And every slot in use is visible: without a window all of them are, and
+        with capacity <= W the buffer holds only the last W positions. So no mask, and no concatenated copy of
+        the cached keys (the general path's `cat`), which is most of a decode step's attention cost.
+        """
+        slot = self.pos % self.capacity
+        self.k[layer, :, :, slot] = k[:, :, 0]
+        self.v[layer, :, :, slot] = v[:, :, 0]
+        n = min(self.pos + 1, self.capacity)
+        return F.scaled_dot_product_attention(q, self.k[layer, :, :, :n], self.v[layer, :, :, :n],
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
     def rewind(self, n: int) -> None:
         """Forget the last n positions (draft tokens that speculative decoding rejected).
