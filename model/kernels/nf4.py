@@ -6,10 +6,10 @@ Dequantisation (model/nf4.py has the format and the plain-PyTorch reference) is,
     scale = DYNAMIC[scale_codes[i // 64]] * scale_absmax[i // (64 * 256)] + scale_offset      (double quantisation)
     w[i]  = NF4[code] * scale
 
-Both levels are fused into one pass: each program reads BLOCK weights' worth of bytes and scale codes (about
-0.52 bytes per weight) and writes BLOCK weights, so the kernel runs at the speed of writing the output. The matmul
-that follows is cuBLAS's (`matmul_nt`; oneDNN on the CPU): for training batches of thousands of tokens a fused dequant-matmul saves
-little next to the GEMM itself, and this keeps the kernel small enough to read.
+Both levels are fused into one pass: each program reads BLOCK weights' worth of bytes and scale codes (about 0.52
+bytes per weight) and writes BLOCK weights, so the kernel runs at the speed of writing the output. The matmul that
+follows is cuBLAS's (`matmul_nt`; oneDNN on the CPU): for training batches of thousands of tokens a fused
+dequant-matmul saves little next to the GEMM itself, and this keeps the kernel small enough to read.
 
 `frozen_linear` is the autograd wrapper. The base weight is frozen, so the backward needs only grad_x = grad_y @ W;
 the weight is dequantised again there instead of being saved, so no full-precision copy of a layer outlives its
