@@ -1,16 +1,17 @@
 """y = x @ W.T on the CPU through oneDNN, the GEMM library inside PyTorch, instead of the BLAS behind F.linear.
 
 Why. PyTorch's x86 CPU build sends a float32 F.linear to Intel's MKL, and MKL picks its code by the CPU's vendor:
-on an AMD CPU it runs AVX2 code even where the CPU has AVX-512. oneDNN (also inside every x86 build of PyTorch)
-picks its code by the instruction sets the CPU reports. On this project's 2-core AMD machine, one core, float32:
+on this project's AMD CPU (AVX-512 with bf16) it runs its generic path (`MKL_VERBOSE=1` names no AVX-512), at about
+half of what the CPU can do. oneDNN (also inside every x86 build of PyTorch) picks its code by the instruction sets
+the CPU reports. On that 2-core machine, one core, float32 (`python bench/linear.py`, docs/benchmarks.md):
 
-    [2048, 576] @ [576, 1536]    MKL 103 GFLOP/s    oneDNN 226 GFLOP/s       (training, scoring, prefill)
-    [1, 576] @ every SmolLM2 W   MKL 15.6 GB/s      oneDNN 19.7 GB/s         (one decode step reads all weights)
-    [7, 576] @ every SmolLM2 W   MKL 7.7 GB/s       oneDNN 13.1 GB/s         (a speculative step with 6 guesses)
+    [2048, 576] @ [576, 1536]    MKL 103 GFLOP/s    oneDNN 223 GFLOP/s       (training, scoring, prefill)
+    [1, 576] @ every SmolLM2 W   MKL 15.8 GB/s      oneDNN 18.4 GB/s         (one decode step reads all weights)
+    [7, 576] @ every SmolLM2 W   MKL 7.8 GB/s       oneDNN 12.7 GB/s         (a speculative step with 6 guesses)
 
-(`python bench/linear.py` measures it on the machine at hand.) Both compute the same float32 products and sums;
-only the order of the additions differs, so the results differ in the last bits, as any two GEMMs do. Where MKL is
-the faster one (an Intel CPU) the difference is small either way.
+Both compute the same float32 products and sums; only the order of the additions differs, so the results differ in
+the last bits, as any two GEMMs' do. On an Intel CPU, where MKL runs its AVX-512 code, we expect the two to be
+close (not measured here); `bench/linear.py` tells for the machine at hand.
 
 The entry point is `torch.ops.mkldnn._linear_pointwise(x, W, bias, "none", [], "")`: the op PyTorch's own compiler
 (inductor) emits for a CPU linear layer. It takes plain strided tensors, transposed views included, so the backward
@@ -46,10 +47,6 @@ def _find_op():
 
 
 _LINEAR_POINTWISE = _find_op()
-
-
-def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
 
 
 def use_onednn(*tensors: torch.Tensor | None) -> bool:
