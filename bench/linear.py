@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import alternate, machine_summary, markdown_table, median, set_threads  # noqa: E402
-from model.kernels.linear import matmul_nt, use_onednn  # noqa: E402
+from model.kernels.matmul import matmul_nt, use_onednn  # noqa: E402
 
 DIM, HIDDEN, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
 BLOCK_SHAPES = [(DIM, DIM), (KV, DIM), (KV, DIM), (DIM, DIM), (HIDDEN, DIM), (HIDDEN, DIM), (DIM, HIDDEN)]

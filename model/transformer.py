@@ -24,7 +24,7 @@ from model.cache import RollingKVCache
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state-dict names) whose product is `kernels.linear`: on the CPU, float32
-    matrix products run in oneDNN, about twice as fast as F.linear's BLAS on some CPUs (kernels/linear.py)."""
+    matrix products run in oneDNN, about twice as fast as F.linear's BLAS on some CPUs (kernels/matmul.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear(x, self.weight, self.bias)

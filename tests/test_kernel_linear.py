@@ -1,4 +1,4 @@
-"""kernels.linear: float32 products in oneDNN on the CPU (model/kernels/linear.py), forward and gradients.
+"""kernels.linear: float32 products in oneDNN on the CPU (model/kernels/matmul.py), forward and gradients.
 
 The reference is float64 arithmetic on the same inputs. The tolerance is the textbook bound for a float32 sum of K
 products in any order: |fl(sum) - sum| <= gamma_K * sum |terms|, gamma_K = K u / (1 - K u), u = 2^-24, taken
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model.kernels import linear, matmul_nt, use_kernels
-from model.kernels.linear import _LINEAR_POINTWISE, use_onednn
+from model.kernels.matmul import _LINEAR_POINTWISE, use_onednn
 
 pytestmark = pytest.mark.skipif(_LINEAR_POINTWISE is None, reason="this PyTorch build has no oneDNN linear op")
 
@@ -114,3 +114,34 @@ def test_other_dtypes_devices_autocast_and_reference_switch_take_f_linear():
         torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=0, rtol=0)
     # float64 (the tests' exact models) is F.linear, bit for bit.
     torch.testing.assert_close(linear(x.double(), w.double()), F.linear(x.double(), w.double()), atol=0, rtol=0)
+
+
+def test_the_decoder_and_lora_route_their_products_through_it(monkeypatch):
+    """The wiring: every linear layer of the decoder, and LoRA's A and B, reach the oneDNN op in float32 on the CPU
+    (forward and backward), so the speed measured in bench/ is the code path the tests check."""
+    import model.kernels.matmul as matmul_module
+    from lora import LoRAConfig, inject_lora
+    from model.args import PRESETS
+    from model.transformer import Transformer
+
+    calls = []
+    op = matmul_module._LINEAR_POINTWISE
+    monkeypatch.setattr(matmul_module, "_LINEAR_POINTWISE", lambda *a: calls.append(a[1].shape) or op(*a))
+    torch.manual_seed(0)
+    args = PRESETS["tiny"]
+    net = Transformer(args)
+    tokens = torch.randint(0, args.vocab_size, (2, 9))
+    with torch.no_grad():
+        net(tokens)
+    assert len(calls) == 7 * args.n_layers + 1          # q, k, v, o, w1, w2, w3 per block, and the head
+
+    inject_lora(net, LoRAConfig(r=4, alpha=8, dropout=0.1, targets=("wq", "w2")))
+    calls.clear()
+    net.train()
+    loss = net(tokens[:, :-1], targets=tokens[:, 1:])   # the fused head + loss: its chunk products count too
+    n_forward = len(calls)
+    # + A and B of the two adapters per block; the fused head + loss forms its logits and, already in the forward
+    # pass, their gradient with respect to h: two products for its one chunk.
+    assert n_forward == (7 + 2 * 2) * args.n_layers + 2
+    loss.backward()
+    assert len(calls) > 2 * n_forward                       # input gradients, adapter gradients, head gradient

@@ -2,7 +2,7 @@
 
 One switch (model/kernels/_switch.py) decides the path per call: the Triton kernels for CUDA tensors, the
 references everywhere else; MINICURIE_KERNELS=auto|triton|reference or `with use_kernels("triton"):` forces one.
-`linear` is the exception: cuBLAS on CUDA, and oneDNN for float32 products on the CPU (see linear.py).
+`linear` is the exception: cuBLAS on CUDA, and oneDNN for float32 products on the CPU (see matmul.py).
 `TRITON_INTERPRET=1` (set before anything imports triton) runs the Triton path on the CPU, which is how the tests
 check it.
 
@@ -27,7 +27,7 @@ from model.kernels._switch import use_kernels, use_triton
 from model.kernels.cross_entropy import compute_dtype, linear_cross_entropy_fused
 from model.kernels.flash_attention import attention_reference, causal_window_mask
 from model.kernels.flash_attention import flash_attention as flash_attention_triton
-from model.kernels.linear import linear, matmul_nt
+from model.kernels.matmul import linear, matmul_nt
 from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 from model.kernels.rope import apply_rope_reference, apply_rope_triton
 from model.kernels.swiglu import swiglu_recompute, swiglu_triton

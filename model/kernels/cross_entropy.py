@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from model.kernels._switch import jit, tl, triton
-from model.kernels.linear import matmul_nt
+from model.kernels.matmul import matmul_nt
 
 
 def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

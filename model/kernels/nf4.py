@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from model.kernels._switch import jit, tl, triton
-from model.kernels.linear import matmul_nt
+from model.kernels.matmul import matmul_nt
 
 # Weights per program: large enough that a program is a sizeable memory transaction on a GPU, and that the
 # interpreter (which pays ~1 ms per program on the CPU) runs the tests quickly.
