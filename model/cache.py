@@ -73,7 +73,7 @@ class RollingKVCache:
             visible = k_pos[None, :] <= q_pos[:, None]                         # [T, n_cached + T]
             if self.sliding_window is not None:
                 visible &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
-            mask = None if bool(visible.all()) else visible  # a decode step inside the window needs no mask
+            mask = None if bool(visible.all()) else visible  # e.g. a speculative step inside the window
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  enable_gqa=q.shape[1] != k.shape[1])
         # Store the chunk's last `capacity` keys in their slots (earlier ones would be overwritten anyway).
