@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, PerplexityResult]]:
     p.add_argument("--data", nargs="+", default=["test"],
                    help="split of the Polish corpus (train, validation, test) or .txt/.jsonl files or folders")
     p.add_argument("--ctx", type=int, default=1024, help="window length in tokens")
-    p.add_argument("--stride", type=int, default=512, help="window advance; each window scores <= stride tokens")
+    p.add_argument("--stride", type=int, default=512,
+                   help="window advance; the first window scores all its targets, each later one only the last "
+                        "<= stride that no earlier window scored")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: 1 on CPU, 8 on GPU)")
     p.add_argument("--max-tokens", type=int, default=None, help="stop after about this many scored tokens")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

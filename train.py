@@ -14,15 +14,18 @@ The loop, in the order the code runs it:
 
 A run killed at any moment and restarted with --resume continues from its last checkpoint and reproduces the
 losses an uninterrupted run would have logged: the data order depends only on (seed, step), and the checkpoint holds
-the adapters, the optimiser, the scheduler and every RNG.
+the adapters, the optimiser, the scheduler, the loss scaler (float16) and every RNG, and the run's settings, which a
+resume must repeat. A step whose gradients are not finite stops the run before it touches the adapters.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -53,6 +56,14 @@ PRESETS = {
 }
 CURIE_TARGETS = "wq,wk,wv,wo,w1,w2,w3,output"
 
+# The settings that decide a run's numbers: its model, data order, schedule, adapters, precision and perplexity
+# windows. A checkpoint records them, and --resume refuses to continue with any of them changed: that would not be
+# the interrupted run resumed but another one grafted onto it. (Intervals, device and exports may change.)
+RUN_SETTINGS = ("model", "data", "eval_data", "seq_len", "micro_batch", "grad_accum", "lr", "schedule", "warmup",
+                "min_lr_factor", "steps", "tokens", "weight_decay", "grad_clip", "lora_r", "lora_alpha",
+                "lora_dropout", "lora_targets", "rslora", "seed", "dtype", "autocast", "quantize", "neftune_alpha",
+                "eval_max_tokens", "eval_ctx", "eval_stride", "fsdp")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--lora-dropout", type=float, help="dropout on the LoRA path")
     a("--lora-targets", default=CURIE_TARGETS, help="comma-separated modules to adapt (ours or peft's names)")
     a("--rslora", action="store_true", help="scale alpha / sqrt(r) instead of alpha / r")
-    a("--eval-interval", type=int, help="validation loss every N steps (0: only at the end)")
+    a("--eval-interval", type=int,
+      help="loss on a fixed batch of validation blocks every N steps and at the last step (0: never)")
     a("--eval-max-tokens", type=int, help="cap on tokens scored for the before/after perplexity")
     a("--eval-ctx", type=int, help="perplexity window length (see eval_ppl.py)")
     a("--eval-stride", type=int, help="perplexity window advance")
@@ -87,10 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--seed", type=int, default=1234)
     a("--out", type=Path, default=None, help="run folder (default runs/lapt-<preset>)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    a("--overwrite", action="store_true", help="start afresh even if --out holds a run")
+    a("--overwrite", action="store_true",
+      help="start afresh even if --out holds a run (its checkpoint, adapters and logs are deleted first)")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dtype", choices=DTYPES, help="dtype of the frozen base weights")
-    a("--autocast", choices=["bfloat16", "float16"], help="mixed precision for the forward pass")
+    a("--autocast", choices=["bfloat16", "float16"],
+      help="mixed precision for the forward pass (float16 adds dynamic loss scaling)")
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in backward")
     a("--neftune-alpha", type=float, help="NEFTune embedding noise (0: off; the paper: 2)")
     a("--quantize", choices=["nf4"], help="hold the base in 4-bit NF4 (QLoRA)")
@@ -208,11 +222,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume and not ckpt_path.exists():
         say(f"no checkpoint in {out}: starting afresh")
         args.resume = False
+    settings = run_settings(args, world)
+    ckpt = None
+    if args.resume:  # before minutes of loading: a run resumed with other settings is refused here
+        ckpt = training.read_checkpoint(ckpt_path)
+        check_same_run(ckpt_path, ckpt["extra"].get("settings"), settings)
+    if args.autocast == "float16" and args.fsdp and world > 1:
+        raise ValueError("--autocast float16 with --fsdp: the loss scaler here is not shard-aware; use bfloat16")
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not args.resume:
-            for stale in ("metrics.jsonl", "summary.json", "loss.svg"):
+        if not args.resume:  # nothing of an earlier run may survive to be mistaken for this one's (or resumed)
+            for stale in ("checkpoint.pt", "metrics.jsonl", "summary.json", "loss.svg"):
                 (out / stale).unlink(missing_ok=True)
+            for stale in ("adapter", "adapter-peft", "merged"):
+                shutil.rmtree(out / stale, ignore_errors=True)
         run_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         training.atomic_write_text(out / "config.json", json.dumps(run_config, indent=2))
 
@@ -224,13 +247,15 @@ def main(argv: list[str] | None = None) -> dict:
     from data.documents import read_documents
     from data.tokens import cached_token_file, load_tokens
     say(f"tokenising training data ({args.data})")
-    token_path = cached_token_file(args.data, tokenizer, tokenizer_key=_tokenizer_key(args.model, tokenizer))
+    tokenizer_key = _tokenizer_key(args.model, tokenizer)
+    token_path = _on_rank_0_first(lambda: cached_token_file(args.data, tokenizer, tokenizer_key), rank, world)
     blocks = PackedBlocks(load_tokens(token_path), args.seq_len, args.seed)
     sharded = args.fsdp and world > 1
     if sharded and not args.no_eval:
         say("with --fsdp no process holds whole weights: evaluate the adapter afterwards with eval_ppl.py")
     eval_texts = None if args.no_eval or sharded else read_documents(args.eval_data)
-    val_batch = _validation_batch(args, tokenizer) if args.eval_interval else None
+    val_batch = (_on_rank_0_first(lambda: _validation_batch(args, tokenizer, tokenizer_key), rank, world)
+                 if args.eval_interval else None)
 
     steps = total_steps(args, world)
     global_batch = args.micro_batch * args.grad_accum * world
@@ -238,18 +263,25 @@ def main(argv: list[str] | None = None) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     scheduler = training.make_scheduler(optimizer, args.schedule, args.warmup, steps, args.min_lr_factor)
+    # float16 has 5 exponent bits: small gradients underflow to zero and large ones overflow. Dynamic loss scaling
+    # multiplies the loss before the backward and divides the gradients after it, skipping a step whose gradients
+    # overflowed (and halving the scale). bfloat16 has float32's range and needs none: the scaler is then a no-op.
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=args.autocast == "float16")
 
     start_step, before = 0, None
     if args.resume:
         if sharded:
-            ckpt = _load_sharded_checkpoint(ckpt_path, train_model, optimizer, scheduler)
+            _load_sharded_checkpoint(ckpt, train_model, optimizer, scheduler)
         else:
-            ckpt = training.load_checkpoint(ckpt_path, model, optimizer, scheduler)
+            training.load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt=ckpt)
+        if ckpt["extra"].get("scaler"):
+            scaler.load_state_dict(ckpt["extra"]["scaler"])
         # The checkpoint's "rng" is rank 0's. On CPU every rank's generator is in the same state anyway; on CUDA rank
         # k draws from device k's generator, which only rank k's process has advanced: each rank takes its own.
         if ckpt["extra"].get("rng_per_rank"):
             training.set_rng_state(ckpt["extra"]["rng_per_rank"][rank])
         start_step, before = ckpt["step"], ckpt["extra"].get("before")
+        ckpt = None  # its copies of the adapters and the optimiser state are in place now
         say(f"resumed {out} at step {start_step}/{steps}")
     metrics = training.MetricsLog(out / "metrics.jsonl", resume_step=start_step if args.resume else None) \
         if main_process else None
@@ -282,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
             with sync, autocast:
                 # The fused head + loss (Transformer.forward with targets): no [micro_batch, seq_len, vocab] logits.
                 loss = train_model(batch[:, :-1], targets=batch[:, 1:])
-            (loss / args.grad_accum).backward()
+            scaler.scale(loss / args.grad_accum).backward()
             loss_sum += loss.detach() / args.grad_accum
         if world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
@@ -291,18 +323,29 @@ def main(argv: list[str] | None = None) -> dict:
             raise training.NonFiniteLoss(
                 f"loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint is kept in "
                 f"{ckpt_path} (try a lower --lr or --grad-clip)")
-        grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip) if args.grad_clip
-                     else torch.tensor(0.0))
+        scaler.unscale_(optimizer)
+        # The norm is measured even when clipping is off (max_norm inf): a finite loss can still have gradients
+        # that are not finite, and one AdamW step on them would turn every adapter weight into NaN.
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or math.inf))
+        if not math.isfinite(grad_norm) and not scaler.is_enabled():
+            raise training.NonFiniteLoss(
+                f"gradient norm is {grad_norm} at step {step + 1} (loss {loss_value:.4f}); stopping before the "
+                f"update. The last good checkpoint is kept in {ckpt_path} (try a lower --lr)")
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-        optimizer.step()
+        scale = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(optimizer)  # = optimizer.step(), unless float16 gradients overflowed: then the step is skipped
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         tokens_done += global_batch * args.seq_len
         rate = tokens_done / (time.perf_counter() - t0)
         record = {"step": step + 1, "loss": loss_value, "lr": lr,
-                  "grad_norm": float(grad_norm), "tokens": (step + 1) * global_batch * args.seq_len,
+                  "grad_norm": grad_norm, "tokens": (step + 1) * global_batch * args.seq_len,
                   "tokens_per_s": rate}
-        if val_batch is not None and (step + 1) % args.eval_interval == 0:
+        if scale is not None:
+            record["loss_scale"] = scale
+            record["skipped"] = not math.isfinite(grad_norm)
+        if val_batch is not None and ((step + 1) % args.eval_interval == 0 or step + 1 == steps):
             record["eval_loss"] = _validation_loss(model, val_batch.to(device), autocast)
         save_now = (step + 1) % args.save_interval == 0 or step + 1 in (steps, stop_at)
         full = _gather_full_state(model, optimizer) if save_now and sharded else {}  # every rank takes part
@@ -313,7 +356,9 @@ def main(argv: list[str] | None = None) -> dict:
             bar.update(1)
             if save_now:
                 training.save_checkpoint(ckpt_path, model, optimizer, scheduler, step + 1, {"step": step + 1},
-                                         extra={"before": before, "rng_per_rank": rngs}, **full)
+                                         extra={"before": before, "rng_per_rank": rngs, "settings": settings,
+                                                "scaler": scaler.state_dict() if scaler.is_enabled() else None},
+                                         **full)
                 training.loss_curve_svg(metrics.records, out / "loss.svg", f"LAPT of {args.model}")
     bar.close()
     if stop_at < steps:
@@ -367,25 +412,65 @@ def _gather_rng_states() -> list:
     return states
 
 
-def _load_sharded_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def _load_sharded_checkpoint(ckpt: dict, model, optimizer, scheduler) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    ckpt = training.read_checkpoint(path)
     set_state_dict(model, optimizer, model_state_dict=ckpt["trainable"], optim_state_dict=ckpt["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
     scheduler.load_state_dict(ckpt["scheduler"])
     training.set_rng_state(ckpt["rng"])
-    return ckpt
+
+
+def run_settings(args, world: int) -> dict:
+    """The RUN_SETTINGS of this command, and the number of processes (it sets the global batch)."""
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in RUN_SETTINGS}
+    return {**settings, "processes": world}
+
+
+def check_same_run(path: Path, stored: dict | None, current: dict) -> None:
+    """Refuse to resume the checkpoint at `path` with settings other than those it was written with."""
+    if stored is None:  # written before checkpoints recorded their settings: nothing to compare
+        return
+    changed = [k for k in current if stored.get(k) != current[k]]
+    if changed:
+        def flag(k: str) -> str:
+            return "the number of processes" if k == "processes" else "--" + k.replace("_", "-")
+        diff = "; ".join(f"{flag(k)} was {stored.get(k)!r}, now {current[k]!r}" for k in changed)
+        raise ValueError(f"{path}: --resume continues the run this checkpoint is from, with its settings: {diff}. "
+                         f"Give the run's own flags (its config.json lists them), or start another --out")
+
+
+def _on_rank_0_first(make, rank: int, world: int):
+    """make() on rank 0 first, then on the other ranks: the first call writes a cache file (token files) that the
+    others then read, instead of every process writing and renaming the same file at once."""
+    if world > 1 and rank != 0:
+        dist.barrier()
+    try:
+        return make()
+    finally:  # also when make() raised: the others then try, and raise the same error instead of waiting forever
+        if world > 1 and rank == 0:
+            dist.barrier()
 
 
 def _tokenizer_key(model_name, tokenizer) -> str:
-    return f"{Path(str(model_name)).stem}-{type(tokenizer).__name__}-{tokenizer.vocab_size}"
+    """Names the token files' cache folder. Two checkpoints in folders of the same name (…/llama2/hf, …/mistral/hf)
+    with 32000-token SentencePiece vocabularies must not share token files, so the key ends in a fingerprint of the
+    tokenizer itself: every id's text and the ids of a probe sentence (which the merges or pieces decide)."""
+    h = hashlib.sha256(f"{type(tokenizer).__name__} {tokenizer.vocab_size} {tokenizer.bos_id} {tokenizer.eos_id}"
+                       .encode())
+    for i in range(tokenizer.vocab_size):
+        h.update(tokenizer.decode([i]).encode("utf-8", "surrogatepass") + b"\0")
+    h.update(str(tokenizer.encode(_PROBE, bos=False)).encode())
+    return f"{Path(str(model_name)).stem}-{type(tokenizer).__name__}-{tokenizer.vocab_size}-{h.hexdigest()[:12]}"
 
 
-def _validation_batch(args, tokenizer) -> torch.Tensor:
+_PROBE = "Zażółć gęślą jaźń, 1234 razy!\n\tThe quick brown fox 🦊 jumps over the lazy dog."
+
+
+def _validation_batch(args, tokenizer, tokenizer_key: str) -> torch.Tensor:
     """A fixed handful of validation blocks: a cheap, noise-free loss to watch during training."""
     from data.tokens import cached_token_file, load_tokens
     path = cached_token_file("validation" if args.data == "train" else args.eval_data, tokenizer,
-                             tokenizer_key=_tokenizer_key(args.model, tokenizer))
+                             tokenizer_key=tokenizer_key)
     val = PackedBlocks(load_tokens(path), args.seq_len, seed=0)
     return val.batch(0, min(8, val.n_blocks))
 

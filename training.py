@@ -115,9 +115,10 @@ def read_checkpoint(path: Path) -> dict:
         raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
-    """Restore a checkpoint written by save_checkpoint; returns it (step, data position, extra)."""
-    ckpt = read_checkpoint(path)
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, ckpt: dict | None = None) -> dict:
+    """Restore a checkpoint written by save_checkpoint; returns it (step, data position, extra). `ckpt`: the
+    checkpoint already read from `path` by read_checkpoint (not read twice)."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     params = dict(model.named_parameters())
     for name, value in ckpt["trainable"].items():
         if name not in params:

@@ -11,8 +11,9 @@ Every script that reads text (train.py, eval_ppl.py) takes one `spec` and calls 
     a folder                        every .txt and .jsonl file under it, in sorted path order
 
 A document is the unit the token file separates with EOS (data/tokens.py) and the unit our splits never cut.
-Documents whose text is empty or only whitespace are skipped. Files must be UTF-8; anything unreadable raises an
-error that names the file and the byte offset or line, rather than training on mangled text.
+Documents whose text is empty or only whitespace are skipped, and so are empty files in a folder; a spec that
+yields no document at all is an error. Files must be UTF-8; anything unreadable raises an error that names the file
+and the byte offset or line, rather than training on mangled text.
 """
 from __future__ import annotations
 
@@ -32,21 +33,25 @@ def read_documents(spec: str | Path) -> list[str]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
         if not files:
             raise ValueError(f"{path}: folder holds no .txt or .jsonl files")
+        # An empty file among others holds no document and is skipped, like an empty line of a .jsonl file.
         documents = [doc for f in files for doc in _read_file(f)]
         if not documents:
             raise ValueError(f"{path}: no documents in its {len(files)} .txt/.jsonl files (all empty)")
         return documents
     if not path.exists():
         raise FileNotFoundError(f"{spec}: no such file or folder (nor a corpus split: {', '.join(SPLITS)})")
-    return _read_file(path)
+    documents = _read_file(path)
+    if not documents:
+        raise ValueError(f"{path}: empty file (no document)" if path.suffix == ".txt" else
+                         f"{path}: no documents (empty file, or every text is empty)")
+    return documents
 
 
 def _read_file(path: Path) -> list[str]:
+    """The file's documents; [] for an empty one (the caller decides whether that is an error)."""
     if path.suffix == ".txt":
         text = _read_utf8(path)
-        if not text.strip():
-            raise ValueError(f"{path}: empty file (no document)")
-        return [text]
+        return [text] if text.strip() else []
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     raise ValueError(f"{path}: unknown kind of file; expected .txt (one document) or .jsonl (one per line)")
@@ -73,8 +78,11 @@ def _read_jsonl(path: Path) -> list[str]:
             raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f'{path}, line {number}: expected an object with a "text" string, got {line[:80]!r}')
+        try:  # JSON's \uXXXX escapes can spell a lone surrogate, which no UTF-8 text (nor tokenizer) can hold
+            record["text"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{path}, line {number}: the text holds {record['text'][e.start]!r} at character "
+                             f"{e.start}, a lone UTF-16 surrogate (a broken \\u escape), not a character") from None
         if record["text"].strip():
             documents.append(record["text"])
-    if not documents:
-        raise ValueError(f"{path}: no documents (empty file, or every text is empty)")
     return documents

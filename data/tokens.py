@@ -6,7 +6,8 @@ Layout: the documents' token ids back to back, with the tokenizer's EOS after ea
 
 Training cuts this one stream into fixed-length windows regardless of document boundaries ("packing", as in Mistral's
 and Curie's pre-training), so no window is wasted on padding; the EOS tells the model that what follows is unrelated
-to what came before. Documents are encoded without BOS (the training loop decides about BOS per window).
+to what came before. Documents are encoded without BOS, and the packed blocks train.py cuts from the stream carry
+none: a block starts wherever the cut falls, mostly mid-document, where a BOS would mark nothing.
 
 The array is uint16 when every id fits (vocab_size <= 65536: Mistral's 32000, SmolLM2's 49152), else uint32: half
 the disk and page cache of int32 for every model we use. Beside `x.bin` lies the sidecar `x.bin.json`, which says

@@ -351,11 +351,23 @@ def test_read_documents_split_reads_the_built_corpus(tmp_path, monkeypatch):
     ("blank.txt", b"  \n\n", r"blank\.txt: empty file"),
     ("empty.jsonl", b"\n", r"empty\.jsonl: no documents"),
     ("data.csv", b"a,b\n", r"data\.csv: unknown kind of file"),
+    ("surrogate.jsonl", b'{"text": "a"}\n{"text": "b\\ud800c"}\n',
+     r"surrogate\.jsonl, line 2: .*lone UTF-16 surrogate"),
 ])
 def test_read_documents_errors_name_the_file(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError, match=message):
         read_documents(tmp_path / name)
+
+
+def test_read_documents_folder_skips_empty_files(tmp_path):
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.jsonl").write_text("\n\n")
+    (tmp_path / "c.txt").write_text("treść")
+    assert read_documents(tmp_path) == ["treść"]
+    (tmp_path / "c.txt").write_text("  \n")
+    with pytest.raises(ValueError, match=r"no documents in its 3 \.txt/\.jsonl files \(all empty\)"):
+        read_documents(tmp_path)
 
 
 def test_read_documents_missing_and_empty_folder(tmp_path):

@@ -147,6 +147,67 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypat
     assert all(torch.isfinite(t).all() for t in ckpt["trainable"].values())
 
 
+def test_non_finite_gradient_of_a_finite_loss_stops_before_the_update(workdir, monkeypatch):
+    # sqrt(0 * loss) is 0 going forward, but its derivative at 0 is infinite: a finite loss whose gradients are NaN.
+    # One AdamW step on them would make every adapter weight NaN and the next checkpoint worthless.
+    monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
+    out = workdir / "nan-grad"
+    import model.kernels
+    real = model.kernels.linear_cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss + torch.sqrt(loss * 0) if calls["n"] == 9 else loss
+
+    monkeypatch.setattr(model.kernels, "linear_cross_entropy", poisoned)
+    with pytest.raises(train.training.NonFiniteLoss, match="gradient norm is nan at step 5"):
+        train.main(common(workdir, out, "--no-eval"))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(t).all() for t in ckpt["trainable"].values())
+    assert all(math.isfinite(json.loads(line)["loss"]) for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_resume_refuses_other_settings(workdir, monkeypatch):
+    monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
+    out = workdir / "settings"
+    train.main(common(workdir, out, "--no-eval", "--max-steps-this-run", "2"))
+    # Another schedule (--steps) or adapter scale grafted onto the run's first steps would be neither run.
+    with pytest.raises(ValueError, match=r"--steps was 8, now 9; --lora-alpha was 8\.0, now 16\.0"):
+        train.main(common(workdir, out, "--no-eval", "--resume", "--steps", "9", "--lora-alpha", "16"))
+    # Intervals may change; the same settings continue the run.
+    train.main(common(workdir, out, "--no-eval", "--resume", "--save-interval", "3"))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, 9))
+
+
+def test_overwrite_removes_the_old_run_first(workdir, monkeypatch):
+    monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
+    out = workdir / "overwritten"
+    train.main(common(workdir, out, "--no-eval", "--steps", "2"))
+    assert (out / "checkpoint.pt").exists() and (out / "adapter").exists()
+    args = common(workdir, out, "--no-eval", "--steps", "2", "--overwrite")
+    args[args.index("--data") + 1] = str(workdir / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):   # the new run fails before its first step
+        train.main(args)
+    # ... and leaves nothing of the old one that --resume could continue or a reader take for the new one's.
+    assert not any((out / name).exists() for name in ("checkpoint.pt", "adapter", "metrics.jsonl", "summary.json"))
+
+
+def test_float16_autocast_scales_the_loss_and_resumes_bitwise(workdir, monkeypatch):
+    monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
+    reference, out = workdir / "fp16-reference", workdir / "fp16-resumed"
+    flags = ("--no-eval", "--autocast", "float16", "--steps", "4", "--eval-interval", "3")
+    train.main(common(workdir, reference, *flags))
+    train.main(common(workdir, out, *flags, "--max-steps-this-run", "2"))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["extra"]["scaler"]["scale"] == 2.0 ** 16
+    train.main(common(workdir, out, *flags, "--resume"))
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) and r["loss_scale"] == 2.0 ** 16 and not r["skipped"] for r in records)
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 4]   # every 3 steps, and at the last one
+    assert losses(out) == losses(reference)
 
 
 def test_curie_style_run_nf4_bf16_checkpointing_neftune(workdir, monkeypatch):
