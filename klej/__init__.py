@@ -7,6 +7,7 @@
     finetune.py   Curie's recipe: task LoRA (r=2 on wq, wv), class-weighted loss, early stopping on dev
     submit.py     test_pred_<task>.tsv files and the nine-file submission zip
     results.py    the table of finished tasks
-    demo.py       the whole pipeline offline, on a task built from Polish LibreOffice help
+    demo.py       the whole pipeline on a task built from Polish fortunes (fortunes-pl), no KLEJ data needed;
+                  downloads fortunes-pl and SmolLM2 on first use, then runs offline
     __main__.py   python -m klej finetune | evaluate | predict | results | submit | demo
 """

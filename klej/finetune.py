@@ -72,6 +72,18 @@ class FinetuneConfig:
     evals_per_epoch: int = 4
     seed: int = 0
 
+    def __post_init__(self):
+        # Checked here, not where they bite: batch_size=0 divides by zero when the steps are counted, and
+        # evals_per_epoch=0 trains to the end without ever saving best weights, then fails to load them.
+        least = {"batch_size": 1, "evals_per_epoch": 1, "patience": 1, "max_len": 2}   # max_len: [BOS] + a token
+        for name, low in least.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"FinetuneConfig: {name}={getattr(self, name)}, must be at least {low}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"FinetuneConfig: epochs={self.epochs}, must be at least 1 (None: the task's own)")
+        if not self.lr > 0:
+            raise ValueError(f"FinetuneConfig: lr={self.lr}, must be positive")
+
     @property
     def lora(self) -> LoRAConfig:
         return LoRAConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
@@ -117,13 +129,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_base(source: str | Path, device: str = "cpu", dtype: str = "float32", quantize: str | None = None):
     """-> (Transformer, tokenizer) of a checkpoint folder, .gguf or named source; quantize="nf4" holds the frozen
     base in 4-bit NormalFloat (QLoRA), quantised tensor by tensor as it loads."""
-    transform = None
-    if quantize == "nf4":
-        from model.loading import quantize_nf4_on_load
-        transform = quantize_nf4_on_load
-    elif quantize is not None:
+    if quantize not in (None, "nf4"):
         raise ValueError(f"unknown quantization {quantize!r} (nf4 or none)")
-    return load(source, device=device, dtype=DTYPES[dtype], transform=transform)
+    return load(source, device=device, dtype=DTYPES[dtype], quantize=quantize)
 
 
 def open_run(run_dir: Path, device: str = "cpu") -> tuple[SequenceHead, object, Task, FinetuneConfig]:
@@ -330,7 +338,10 @@ def finetune(head: SequenceHead, tokenizer, task: Task, data: TaskData, run_dir:
             raise training.NonFiniteLoss(f"{task.name}: loss {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+        if not torch.isfinite(grad_norm):   # a finite loss can still have NaN/inf gradients: never step on them
+            raise training.NonFiniteLoss(f"{task.name}: gradient norm {grad_norm.item()} at step {step + 1} (loss "
+                                         f"{loss.item():.4f}); the last checkpoint is kept")
         optimizer.step()
         scheduler.step()
         step, batch = step + 1, batch + 1

@@ -12,6 +12,8 @@ between tasks lives in the one `TASKS` registry; the code that trains, scores an
 """
 from __future__ import annotations
 
+import codecs
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,11 +101,16 @@ def read_tsv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None
+    # A leading byte-order mark is dropped, as pandas (the official baseline's reader) drops it; kept, it would be
+    # glued to the first column's name, which then matches no task column. Skipped by hand rather than decoded as
+    # "utf-8-sig", whose error offsets would count from after the mark, not from the start of the file.
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = raw.decode("utf-8")
+        text = raw[skip:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start})") from None
+        offset = skip + e.start
+        line = raw[:offset].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte offset {offset})") from None
     # Split on '\n' only: str.splitlines would also break inside a field at \x0b, \x1c, \u2028 and friends.
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -159,11 +166,17 @@ def _parse_value(task: Task, path: Path, number: int, text: str) -> float:
 
 
 def task_folder(task: Task, data_dir: Path) -> Path:
-    """`data_dir` may be the task's own klej_<task>/ folder or the folder holding all nine."""
+    """`data_dir` may be the task's own klej_<task>/ folder or the folder holding all nine. Another task's folder
+    is refused: PolEmo-IN and -OUT share columns and labels, so one read as the other would load without a hitch."""
     data_dir = Path(data_dir)
-    for folder in (data_dir / task.folder, data_dir):
-        if (folder / "train.tsv").exists():
-            return folder
+    if (data_dir / task.folder / "train.tsv").exists():
+        return data_dir / task.folder
+    if (data_dir / "train.tsv").exists():
+        name = Path(os.path.abspath(data_dir)).name       # "." and "x/.." named too; a symlink keeps its own name
+        if name.startswith("klej_") and name != task.folder:
+            raise ValueError(f"{data_dir}: this is {name}/, not {task.folder}/ of task {task.name}; pass the "
+                             f"folder holding {task.folder}/ or that folder itself")
+        return data_dir
     raise FileNotFoundError(f"{data_dir}: neither it nor {data_dir / task.folder} holds train.tsv of task "
                             f"{task.name} (expected {task.folder}/train.tsv, dev.tsv, test_features.tsv)")
 

@@ -1,4 +1,4 @@
-"""The offline demo: its task builder on a small fake fortunes package (fast), and the real run end to end (slow)."""
+"""The demo: its task builder on a small fake fortunes package (fast), and the real run end to end (slow)."""
 import shutil
 import subprocess
 from pathlib import Path

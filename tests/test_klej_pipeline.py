@@ -1,8 +1,9 @@
 """The fine-tune -> evaluate -> predict -> submit pipeline, fast, on the 'tiny' random model and fixture data.
 
-The real thing (SmolLM2 on Polish LibreOffice help) is tests/test_klej_demo.py; this file checks the same code
-paths in seconds: the loss and its class weights against torch / scikit-learn, early stopping against the metrics
-log, a resumed run against an uninterrupted one (bit for bit), and a nine-task submission zip.
+The real thing (SmolLM2 on Polish fortunes) is tests/test_klej_demo.py; this file checks the same code paths in
+seconds: the loss and its class weights against torch / scikit-learn, early stopping against the metrics log, a
+resumed run against an uninterrupted one (bit for bit), a nine-task submission zip, and the command line on a full
+precision and on an NF4 base.
 """
 import json
 import shutil
@@ -124,6 +125,25 @@ def test_finetune_keeps_the_best_dev_weights_and_stops_early(tmp_path):
         assert (tmp_path / task.name / name).exists()
 
 
+def test_non_finite_gradient_stops_before_the_update(tmp_path, monkeypatch):
+    # sqrt(0 * loss): 0 going forward, an infinite derivative back: a finite loss with NaN gradients at step 3.
+    task = TASKS["cdsc-e"]
+    cfg = ft.FinetuneConfig(**CFG, epochs=1, evals_per_epoch=1)
+    real, calls = ft.loss_terms, {"n": 0}
+
+    def poisoned(*a):
+        total, weight = real(*a)
+        calls["n"] += 1
+        return (total + torch.sqrt(total * 0) if calls["n"] == 3 else total), weight
+
+    monkeypatch.setattr(ft, "loss_terms", poisoned)
+    head = _tiny_classifier(task, cfg)
+    with pytest.raises(training.NonFiniteLoss, match="gradient norm nan at step 3"):
+        ft.finetune(head, ByteTokenizer(), task, load_task(task, FIXTURES), tmp_path / task.name, cfg, BASE,
+                    progress=False)
+    assert all(torch.isfinite(p).all() for p in head.parameters())
+
+
 @pytest.mark.parametrize("name", ["ar", "cbd"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, name):
     task = TASKS[name]
@@ -231,3 +251,25 @@ def test_command_line_finetune_evaluate_predict_results(tmp_path, mistral_tokeni
     assert "cdsc-e" in table and "over 2 task(s)" in table
     with pytest.raises(FileNotFoundError, match="test_pred_nkjp-ner.tsv"):
         main(["submit", "--out", str(out)])
+
+
+def test_command_line_finetune_evaluate_on_an_nf4_base(tmp_path, mistral_tokenizer_path, capsys):
+    from lora import lora_modules
+    from model.nf4 import NF4Linear
+    checkpoint = _tiny_checkpoint(tmp_path / "tiny", mistral_tokenizer_path)
+    model, _ = ft.load_base(checkpoint, "cpu", quantize="nf4")
+    blocks = {n: type(m).__name__ for n, m in model.named_modules()
+              if n.startswith("layers.") and isinstance(m, (torch.nn.Linear, NF4Linear))}
+    assert len(blocks) == 7 * 3 and set(blocks.values()) == {"NF4Linear"}, blocks   # 7 projections, 3 blocks
+
+    out = tmp_path / "runs"
+    common = ["--task", "cdsc-e", "--data-dir", str(FIXTURES), "--out", str(out), "--device", "cpu"]
+    main(["finetune", "--model", str(checkpoint), "--quantize", "nf4", "--epochs", "1", "--batch-size", "4",
+          "--max-len", "48", *common])
+    main(["evaluate", *common])
+    result = json.loads((out / "cdsc-e" / "result.json").read_text())
+    assert f"cdsc-e: dev accuracy {result['dev']:.4f}" in capsys.readouterr().out
+    # The reloaded run is rebuilt on the NF4 base, as run.json records it: the task LoRA wraps 4-bit layers.
+    head, *_ = ft.open_run(out / "cdsc-e")
+    wrapped = lora_modules(head.model)
+    assert wrapped and all(isinstance(m.base, NF4Linear) for m in wrapped.values())

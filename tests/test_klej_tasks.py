@@ -138,10 +138,12 @@ def test_bad_regression_target_names_file_and_line(tmp_path, value, message):
         load_task(TASKS["cdsc-r"], tmp_path)
 
 
-def test_bad_utf8_names_file_and_line(tmp_path):
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_bad_utf8_names_file_and_line(tmp_path, bom):
     folder = _copy_task(tmp_path, "ar")
-    (folder / "dev.tsv").write_bytes("text\trating\nDobre.\t5\n".encode() + b"Z\xb3e.\t1\n")
-    with pytest.raises(ValueError, match=r"dev\.tsv:3: not valid UTF-8"):
+    head = bom + "text\trating\nDobre.\t5\n".encode() + b"Z"
+    (folder / "dev.tsv").write_bytes(head + b"\xb3e.\t1\n")
+    with pytest.raises(ValueError, match=rf"dev\.tsv:3: not valid UTF-8 \(byte offset {len(head)}\)"):
         load_task(TASKS["ar"], tmp_path)
 
 
@@ -157,3 +159,25 @@ def test_missing_files_are_named(tmp_path):
 def test_task_folder_itself_may_be_given():
     data = load_task(TASKS["ar"], FIXTURES / "klej_ar")
     assert data.train.fields == read_split(TASKS["ar"], FIXTURES / "klej_ar" / "train.tsv").fields
+
+
+def test_another_tasks_folder_is_refused_naming_both(tmp_path):
+    # PolEmo-IN's files would pass every column and label check of PolEmo-OUT: only the folder name tells them apart.
+    with pytest.raises(ValueError, match=r"klej_polemo2\.0-in/, not klej_polemo2\.0-out/"):
+        load_task(TASKS["polemo2.0-out"], FIXTURES / "klej_polemo2.0-in")
+    # A folder not named klej_* is taken at its word.
+    shutil.copytree(FIXTURES / "klej_polemo2.0-in", tmp_path / "my-polemo")
+    data = load_task(TASKS["polemo2.0-out"], tmp_path / "my-polemo")
+    assert len(data.train) == len(read_split(TASKS["polemo2.0-out"], tmp_path / "my-polemo" / "train.tsv"))
+
+
+def test_a_utf8_byte_order_mark_is_dropped(tmp_path):
+    # AR's first column, text, is an input: a BOM left in place would hide it ("\ufefftext" is no column of AR).
+    folder = _copy_task(tmp_path, "ar")
+    plain = load_task(TASKS["ar"], tmp_path)
+    for name in ("train.tsv", "dev.tsv", "test_features.tsv"):
+        (folder / name).write_bytes(b"\xef\xbb\xbf" + (folder / name).read_bytes())
+    with_bom = load_task(TASKS["ar"], tmp_path)
+    for a, b in ((plain.train, with_bom.train), (plain.dev, with_bom.dev), (plain.test, with_bom.test)):
+        assert a.fields == b.fields
+        np.testing.assert_array_equal(a.y, b.y)
