@@ -24,7 +24,8 @@ class ModelArgs:
     sliding_window: int | None = 4096  # query i sees key j iff i - W < j <= i; None: plain causal attention
     rope_theta: float = 10000.0        # v0.1's params.json has no rope_theta: 10000 is right, not 1e6
     tied_embeddings: bool = False      # output head shares tok_embeddings' weight (SmolLM2 does, Mistral doesn't)
-    max_seq_len: int = 32768           # longest position the RoPE tables cover (grown on demand)
+    max_seq_len: int = 32768           # context length the checkpoint declares; exported as max_position_embeddings,
+                                       # nothing here limits positions to it (RoPE angles come per forward)
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -45,7 +46,7 @@ class ModelArgs:
         """Mistral's own `params.json` (the file beside `consolidated.00.pth`)."""
         path = Path(path)
         p = _read_json(path, "params.json")
-        missing = [k for k in ("dim", "n_layers", "n_heads", "norm_eps", "vocab_size") if k not in p]
+        missing = [k for k in ("dim", "n_layers", "hidden_dim", "n_heads", "norm_eps", "vocab_size") if k not in p]
         if missing:
             raise ValueError(f"{path}: params.json lacks {', '.join(missing)}")
         n_heads = p["n_heads"]
@@ -71,6 +72,18 @@ class ModelArgs:
         arch = (c.get("architectures") or ["?"])[0]
         if c.get("model_type") not in ("mistral", "llama"):
             raise ValueError(f"{path}: model_type {c.get('model_type')!r} ({arch}) is not mistral or llama")
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                               "rms_norm_eps", "vocab_size") if k not in c]
+        if missing:
+            raise ValueError(f"{path}: config.json lacks {', '.join(missing)}")
+        # Plain RoPE only: transformers 4 writes rope_scaling null, 5 writes rope_parameters {rope_type: "default",
+        # rope_theta}. Scaled variants (Llama 3.1's "llama3", "linear", "yarn", ...) change every angle, so running
+        # them as plain RoPE would give wrong logits without a word.
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = c.get(key)
+            if rope is not None and (not isinstance(rope, dict)
+                                     or rope.get("rope_type", rope.get("type", "default")) != "default"):
+                raise ValueError(f"{path}: {key} {rope!r} is not supported (only plain RoPE, rope_type 'default')")
         n_heads = c["num_attention_heads"]
         rope_theta = c.get("rope_theta")
         if rope_theta is None:  # transformers 5 nests it in rope_parameters

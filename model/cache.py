@@ -77,10 +77,12 @@ class RollingKVCache:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  enable_gqa=q.shape[1] != k.shape[1])
         # Store the chunk's last `capacity` keys in their slots (earlier ones would be overwritten anyway).
+        # In the cache's dtype: under torch.autocast k, v come out of the projections in bf16/fp16 while the buffer
+        # keeps the parameters' dtype (index_copy_ does not convert; _decode_step's assignment does).
         keep = min(t, self.capacity)
         slots = q_pos[t - keep:] % self.capacity
-        self.k[layer].index_copy_(2, slots, k[:, :, t - keep:])
-        self.v[layer].index_copy_(2, slots, v[:, :, t - keep:])
+        self.k[layer].index_copy_(2, slots, k[:, :, t - keep:].to(self.k.dtype))
+        self.v[layer].index_copy_(2, slots, v[:, :, t - keep:].to(self.v.dtype))
         return out
 
     def _decode_step(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -106,14 +108,17 @@ class RollingKVCache:
         What rewinding cannot undo is the older key each stale slot overwrote: a position that may still be in the
         window of the next query, unless `lookahead` extra slots put it at least W back.
         """
+        if not 0 <= n <= self.pos:
+            raise ValueError(f"cannot rewind {n} of the {self.pos} positions seen")
+        # Once wrapped, the n newest positions overwrote positions pos - n - capacity .. pos - 1 - capacity; the next
+        # query (at pos - n) sees keys after pos - n - W, so all of those are out of its view iff
+        # pos - 1 - capacity <= pos - n - W, i.e. n <= capacity - W + 1 (= lookahead + 1).
         wrapped = self.sliding_window is not None and self.pos > self.capacity
-        if not 0 <= n <= self.pos or (wrapped and n > self.capacity - self.sliding_window + 1):
-            raise ValueError(f"cannot rewind {n} of {self.pos} positions in a cache of {self.capacity} slots "
-                             f"(window {self.sliding_window}); make it with lookahead >= {n}")
+        if wrapped and n > self.capacity - self.sliding_window + 1:
+            raise ValueError(f"cannot rewind {n} positions in a wrapped cache of {self.capacity} slots (window "
+                             f"{self.sliding_window}): at most capacity - window + 1 = "
+                             f"{self.capacity - self.sliding_window + 1}; make it with lookahead >= {n - 1}")
         self.pos -= n
-
-    def reset(self) -> None:
-        self.pos = 0
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

@@ -71,6 +71,11 @@ def from_hf_name(name: str) -> str:
                    "unexpected tensor {name!r} in a Hugging Face Mistral/Llama checkpoint")
 
 
+def to_gguf_name(name: str) -> str:
+    """'layers.3.attention.wq.weight' -> 'blk.3.attn_q.weight'."""
+    return _rename(name, _LAYER_RE, _GGUF_LAYER_NAMES, _GGUF_TOP_NAMES, "blk", "no GGUF name for {name!r}")
+
+
 _GGUF_LAYER_BACK = {v: k for k, v in _GGUF_LAYER_NAMES.items()}
 _GGUF_TOP_BACK = {v: k for k, v in _GGUF_TOP_NAMES.items()}
 _GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")

@@ -2,6 +2,7 @@
 
 Sampling follows the usual order: logits / temperature -> keep the top_k largest -> keep the smallest set whose
 probability reaches top_p (the nucleus) -> draw. temperature 0 means greedy (argmax), with no randomness at all.
+top_k and top_p are None when off; set, they must be >= 1 and in (0, 1] (`check_sampling`).
 
 Greedy decoding can also run speculatively (`draft_tokens > 0`): guess the next few tokens cheaply, score them all
 in one forward pass, keep the longest run of guesses that the model's own argmax agrees with, plus the model's token
@@ -20,10 +21,21 @@ import torch
 from model.transformer import Transformer
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Reject settings that have no meaning, before any work: top_k 0 would keep no token and top_p 0 no nucleus."""
+    if not temperature >= 0:  # NaN fails too
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be an integer >= 1, or None for no top-k cut, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], or None for no nucleus cut, got {top_p}")
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] -> next token ids [B]."""
-    if temperature <= 0:
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -32,7 +44,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens before it already reach top_p; the most likely token always stays.
+        # Drop a token when the tokens before it already reach top_p; the most likely token, with nothing
+        # before it (0 < top_p), always stays.
         drop = probs.cumsum(-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
@@ -52,11 +65,16 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
     """
     if not prompt:
         raise ValueError("generate() needs a non-empty prompt (at least a BOS token)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
     if draft_tokens < 0:
         raise ValueError(f"draft_tokens must be >= 0, got {draft_tokens}")
     if draft_tokens and temperature > 0:
         raise ValueError(f"draft_tokens (speculative decoding) works with greedy decoding only, got temperature "
                          f"{temperature}")
+    if max_new_tokens == 0:
+        return
     if draft_tokens:
         yield from _greedy_speculative(model, prompt, max_new_tokens, eos_id, chunk_size, draft_tokens,
                                        draft or prompt_lookup)
@@ -90,8 +108,6 @@ def prompt_lookup(context: list[int], n: int, max_ngram: int = 3) -> list[int]:
 def _greedy_speculative(model: Transformer, prompt: list[int], max_new_tokens: int, eos_id: int | None,
                         chunk_size: int | None, draft_tokens: int,
                         draft: Callable[[list[int], int], list[int]]) -> Iterator[int]:
-    if max_new_tokens <= 0:
-        return
     device = next(model.parameters()).device
     cache = model.make_cache(1, max_tokens=len(prompt) + max_new_tokens, lookahead=draft_tokens)
     token = int(model.prefill(torch.tensor([prompt], device=device), cache, chunk_size).argmax(-1))

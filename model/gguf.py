@@ -41,7 +41,6 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
     39: ("MXFP4", 32, 17),
 }
-GGML_TYPE_IDS: dict[str, int] = {name: i for i, (name, _, _) in GGML_TYPES.items()}
 
 # GGUF metadata value types: id -> (name, struct format) for the fixed-size scalars.
 _SCALARS: dict[int, tuple[str, str]] = {

@@ -23,11 +23,12 @@ from model.args import ModelArgs
 from model.transformer import Transformer
 
 TensorStream = Iterator[tuple[str, torch.Tensor, Path]]  # (our name, tensor, file it came from)
+SourceName = Callable[[str], str] | None                  # our name -> the checkpoint's own (None: the same)
 
 
 # ---------------------------------------------------------------------------------------------------- readers
 
-def _mistral_checkpoint(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, TensorStream]:
+def _mistral_checkpoint(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, TensorStream, Path, SourceName]:
     args = ModelArgs.from_params_json(folder / "params.json")
     pth = sorted(folder.glob("consolidated.*.pth"))
     st = folder / "consolidated.safetensors"
@@ -45,10 +46,10 @@ def _mistral_checkpoint(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, Te
         for f in files:
             for name, t in _read_tensor_file(f, dtype):
                 yield name, t, f
-    return args, stream()
+    return args, stream(), files[0], None
 
 
-def _hf_checkpoint(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, TensorStream]:
+def _hf_checkpoint(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, TensorStream, Path, SourceName]:
     args = ModelArgs.from_hf_config(folder / "config.json")
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -76,7 +77,7 @@ def _hf_checkpoint(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, TensorS
                 if rope:
                     t = convert.half_to_interleaved(t, args.n_heads if rope == "q" else args.n_kv_heads)
                 yield name, t, f
-    return args, stream()
+    return args, stream(), index if index.exists() else files[0], convert.to_hf_name
 
 
 def _gguf_args(metadata: dict, path: Path) -> ModelArgs:
@@ -92,6 +93,11 @@ def _gguf_args(metadata: dict, path: Path) -> ModelArgs:
     n_heads = get("attention.head_count")
     dim = get("embedding_length")
     vocab = metadata.get(f"{arch}.vocab_size") or len(metadata.get("tokenizer.ggml.tokens", ()))
+    # Plain RoPE only: llama.cpp applies linear/YaRN scaling from these keys, which we would silently skip.
+    scaling, factor = metadata.get(f"{arch}.rope.scaling.type"), metadata.get(f"{arch}.rope.scaling.factor")
+    if scaling not in (None, "none") or (scaling is None and factor not in (None, 0.0, 1.0)):
+        raise ValueError(f"{path}: GGUF metadata {arch}.rope.scaling.type={scaling!r}, {arch}.rope.scaling.factor="
+                         f"{factor!r}: RoPE scaling is not supported (only plain RoPE)")
     return ModelArgs(
         dim=dim, n_layers=get("block_count"), n_heads=n_heads,
         n_kv_heads=get("attention.head_count_kv", n_heads),
@@ -108,10 +114,16 @@ def _gguf_checkpoint(path: Path):
     g = GGUFFile(path)
     args = _gguf_args(g.metadata, path)
     args.tied_embeddings = "output.weight" not in g.tensors
+    # rope_freqs [head_dim/2]: llama.cpp divides each RoPE frequency by it (Llama 3.1's "llama3" scaling). All ones
+    # is plain RoPE, which is all we compute; anything else would give wrong logits without a word.
+    for name in g.tensors:
+        if name.endswith("rope_freqs.weight") and not bool((g.load_tensor(name) == 1).all()):
+            raise ValueError(f"{path}: tensor {name!r} rescales the RoPE frequencies (e.g. Llama 3.1's 'llama3' "
+                             f"scaling), which is not supported (only plain RoPE)")
 
     def stream() -> TensorStream:
         for gguf_name in g.tensors:
-            if gguf_name.endswith("rope_freqs.weight"):
+            if gguf_name.endswith("rope_freqs.weight"):  # all ones, checked above
                 continue
             try:
                 name = convert.from_gguf_name(gguf_name)
@@ -119,7 +131,7 @@ def _gguf_checkpoint(path: Path):
                 raise ValueError(f"{path}: {e.args[0]}") from None
             # llama.cpp stored q/k rows permuted back to the interleaved layout: already ours.
             yield name, g.load_tensor(gguf_name), path
-    return args, stream(), g
+    return args, stream(), g, convert.to_gguf_name
 
 
 def _read_tensor_file(f: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -146,11 +158,13 @@ def _read_tensor_file(f: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.
 # ---------------------------------------------------------------------------------------------------- assembly
 
 def build_model(args: ModelArgs, tensors: TensorStream, device="cpu", dtype=torch.float32,
-                transform: Callable[[Transformer, str, torch.Tensor], bool] | None = None) -> Transformer:
+                transform: Callable[[Transformer, str, torch.Tensor], bool] | None = None, *,
+                source: str | Path = "checkpoint", source_name: SourceName = None) -> Transformer:
     """Meta-device model + tensors assigned one by one, each checked against the shape the config implies.
 
     `transform(model, name, tensor) -> bool` may take a tensor over itself (e.g. quantise a linear layer as it
-    arrives); it returns True when it did, and the tensor is then not assigned.
+    arrives); it returns True when it did, and the tensor is then not assigned. `source` (the checkpoint's file or
+    folder) and `source_name` (our tensor name -> the checkpoint's) only make a missing tensor's error precise.
     """
     with torch.device("meta"):
         model = Transformer(args)
@@ -173,8 +187,9 @@ def build_model(args: ModelArgs, tensors: TensorStream, device="cpu", dtype=torc
         state[name] = t
     missing = sorted(set(expected) - set(state) - taken)
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"checkpoint lacks {len(missing)} tensor(s): {shown}")
+        named = [f"{source_name(m)} (our {m})" if source_name else m for m in missing[:5]]
+        shown = ", ".join(named) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{source}: checkpoint lacks {len(missing)} tensor(s): {shown}")
     if args.tied_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=not taken, assign=True)
@@ -202,26 +217,28 @@ def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
 
+    # The tokenizer is read before any weight (the streams are lazy): one we cannot read fails in a second, not
+    # after a 7B load.
     tokenizer = None
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: a single-file checkpoint must be a .gguf (else pass the folder)")
-        args, stream, g = _gguf_checkpoint(path)
-        model = build_model(args, stream, device, dtype, transform)
+        args, stream, g, source_name = _gguf_checkpoint(path)
+        where = path
         if require_tokenizer:
             from model.tokenizer import GGUFBPETokenizer
             tokenizer = GGUFBPETokenizer.from_metadata(g.metadata, path=path)
     else:
         if (path / "params.json").exists():
-            args, stream = _mistral_checkpoint(path, dtype)
+            args, stream, where, source_name = _mistral_checkpoint(path, dtype)
         elif (path / "config.json").exists():
-            args, stream = _hf_checkpoint(path, dtype)
+            args, stream, where, source_name = _hf_checkpoint(path, dtype)
         else:
             raise FileNotFoundError(f"{path}: neither params.json (Mistral layout) nor config.json "
                                     f"(Hugging Face layout) found")
-        model = build_model(args, stream, device, dtype, transform)
         if require_tokenizer:
             from model.tokenizer import load_tokenizer
             tokenizer = load_tokenizer(path)
+    model = build_model(args, stream, device, dtype, transform, source=where, source_name=source_name)
     return model.eval(), tokenizer
 

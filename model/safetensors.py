@@ -77,6 +77,13 @@ class SafeTensorsFile:
         size = self.path.stat().st_size
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {
             name: self._check_entry(name, entry, size) for name, entry in header.items()}
+        # No two tensors may share bytes (the official reader insists, and a write through one view would change
+        # the other): sorted by offset, each must begin at or after the end of the one before.
+        spans = sorted((begin, end, name) for name, (_, _, begin, end) in self._entries.items())
+        for (_, prev_end, prev), (begin, end, name) in zip(spans, spans[1:]):
+            if begin < prev_end:
+                raise ValueError(f"{self.path}: tensor {name!r}: data_offsets [{begin}, {end}] overlap those of "
+                                 f"{prev!r}, which end at {prev_end}")
         self._map: np.memmap | None = np.memmap(self.path, dtype=np.uint8, mode="c")
 
     def _check_entry(self, name: str, entry: Any, size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
@@ -86,9 +93,10 @@ class SafeTensorsFile:
         dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype_name not in DTYPES:
             raise ValueError(f"{where}: unknown dtype {dtype_name!r}; supported: {', '.join(DTYPES)}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        # type(...) is int, not isinstance: JSON true/false are Python bools, which are ints too.
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise ValueError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                 and 0 <= offsets[0] <= offsets[1]):
             raise ValueError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
         dtype = DTYPES[dtype_name]

@@ -284,7 +284,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         for name in candidates:
             if (path / name).is_file():
                 return SentencePieceTokenizer(path / name)
-        raise FileNotFoundError(f"{path}: no tokenizer in this folder (looked for {', '.join(candidates)})")
+        hint = ("; its tokenizer.json (Hugging Face `tokenizers`) is not read here, pass a SentencePiece "
+                "tokenizer.model or load with require_tokenizer=False") if (path / "tokenizer.json").is_file() else ""
+        raise FileNotFoundError(f"{path}: no tokenizer in this folder (looked for {', '.join(candidates)}){hint}")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such tokenizer file or folder")
     if path.suffix == ".gguf":

@@ -124,3 +124,34 @@ with kernels.use_kernels("triton"):
     result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("head_dim, flash_runs", [(16, True), (24, False), (8, False), (256, False)])
+def test_auto_falls_back_where_flash_attention_has_no_tiles(triton_calls, monkeypatch, head_dim, flash_runs):
+    # Auto mode on CUDA, simulated on the CPU: use_triton answers yes, as it does there for CUDA tensors.
+    monkeypatch.delenv(_switch.ENV_VAR, raising=False)
+    monkeypatch.setattr(kernels, "use_triton", lambda *tensors: True)
+    q, k, v = torch.randn(1, 4, 9, head_dim), torch.randn(1, 2, 9, head_dim), torch.randn(1, 2, 9, head_dim)
+    out = kernels.attention(q, k, v, sliding_window=4)
+    assert triton_calls["flash_attention_triton"] == flash_runs
+    assert_close(out, kernels.attention_reference(q, k, v, 4), torch.float32, f"attention, head_dim {head_dim}")
+
+
+def test_forced_triton_still_reports_an_unsupported_head_dim():
+    q = torch.randn(1, 2, 5, 24)
+    with use_kernels("triton"), pytest.raises(ValueError, match="head_dim=24 is not supported"):
+        kernels.attention(q, q, q, None)
+
+
+def test_model_with_head_dim_96_runs_in_auto_mode(monkeypatch):
+    # Before the fallback, no model with such heads (e.g. head_dim 80 or 96) could run on CUDA at all.
+    args = ModelArgs(dim=192, n_layers=1, head_dim=96, hidden_dim=64, n_heads=2, n_kv_heads=1, vocab_size=32,
+                     sliding_window=None, max_seq_len=16)
+    model = Transformer(args).eval()
+    tokens = torch.randint(0, args.vocab_size, (1, 6))
+    with torch.no_grad(), use_kernels("reference"):
+        expected = model(tokens)
+    monkeypatch.delenv(_switch.ENV_VAR, raising=False)
+    monkeypatch.setattr(kernels, "use_triton", lambda *tensors: True)   # auto on CUDA, simulated
+    with torch.no_grad():
+        assert_close(model(tokens), expected, torch.float32, "logits")

@@ -200,3 +200,32 @@ def test_unknown_tensor_name(tmp_path):
     save_file({"w": torch.randn(2)}, path)
     with SafeTensorsFile(path) as f, pytest.raises(KeyError, match=r"w\.safetensors: no tensor 'v'"):
         f.get_tensor("v")
+
+
+@pytest.mark.parametrize("shape", [[True, 2], [2, False], [2.0]])
+def test_shape_of_non_integers_names_tensor(tmp_path, shape):
+    # JSON true is a Python bool, which isinstance(.., int) accepts; the official reader wants usize.
+    path = write_raw(tmp_path / "shape.safetensors", {"w": {"dtype": "F32", "shape": shape, "data_offsets": [0, 8]}},
+                     bytes(8))
+    with pytest.raises(ValueError, match=r"shape\.safetensors: tensor 'w': shape .* is not a list of non-negative "
+                                         r"integers"):
+        load_file(path)
+    with pytest.raises(safetensors.SafetensorError):
+        safetensors.safe_open(str(path), "pt")
+
+
+def test_overlapping_tensors_name_both(tmp_path):
+    path = write_raw(tmp_path / "overlap.safetensors",
+                     {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12))
+    with pytest.raises(ValueError, match=r"overlap\.safetensors: tensor 'b': data_offsets \[4, 12\] overlap those of "
+                                         r"'a', which end at 8"):
+        load_file(path)
+    with pytest.raises(safetensors.SafetensorError, match="invalid offset"):   # the official reader agrees
+        safetensors.safe_open(str(path), "pt")
+    # The same bytes twice under two names is an overlap too.
+    path = write_raw(tmp_path / "alias.safetensors",
+                     {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                      "b": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8))
+    with pytest.raises(ValueError, match=r"alias\.safetensors: tensor 'b': .* overlap those of 'a'"):
+        load_file(path)

@@ -2,7 +2,8 @@
 
 One switch (model/kernels/_switch.py) decides the path per call: the Triton kernels for CUDA tensors, the
 references everywhere else; MINICURIE_KERNELS=auto|triton|reference or `with use_kernels("triton"):` forces one.
-`linear` is the exception: cuBLAS on CUDA, and oneDNN for float32 products on the CPU (see matmul.py).
+`linear` is the exception: cuBLAS on CUDA, and oneDNN for float32 products on the CPU (see matmul.py). In auto
+mode `attention` also takes PyTorch's SDPA where the flash kernel has no tiles (head_dim other than 16/32/64/128).
 `TRITON_INTERPRET=1` (set before anything imports triton) runs the Triton path on the CPU, which is how the tests
 check it.
 
@@ -23,10 +24,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.kernels._switch import use_kernels, use_triton
+from model.kernels._switch import current_mode, use_kernels, use_triton
 from model.kernels.cross_entropy import compute_dtype, linear_cross_entropy_fused
 from model.kernels.flash_attention import attention_reference, causal_window_mask
 from model.kernels.flash_attention import flash_attention as flash_attention_triton
+from model.kernels.flash_attention import supports as flash_attention_supports
 from model.kernels.matmul import linear, matmul_nt
 from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 from model.kernels.rope import apply_rope_reference, apply_rope_triton
@@ -55,7 +57,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    if use_triton(q, k, v):
+    # The kernel's tiles take head_dim 16/32/64/128 only: in auto mode anything else (e.g. head_dim 80 or 96) runs
+    # on SDPA below; a forced "triton" path still goes to the kernel, which says what it cannot do.
+    if use_triton(q, k, v) and (current_mode() == "triton" or flash_attention_supports(q, k, v)):
         return flash_attention_triton(q, k, v, sliding_window)
     # Elsewhere PyTorch's fused attention, with the mask that attention_reference spells out.
     t = q.shape[-2]

@@ -308,6 +308,15 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SCHEDULE,
 # Launchers and autograd
 # ---------------------------------------------------------------------------------------------------------------
 
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_rows: int = 64) -> bool:
+    """Whether flash_attention's tiles fit these inputs (the limits _check_inputs enforces): head_dim a power of two
+    in 16..128, one float dtype for q, k, v, and a query group no taller than block_rows."""
+    head_dim = q.shape[-1]
+    return (16 <= head_dim <= 128 and not head_dim & (head_dim - 1)
+            and q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and q.shape[1] % k.shape[1] == 0 and q.shape[1] // k.shape[1] <= block_rows)
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None,
                   block_rows: int, block_keys: int) -> None:
     where = "model/kernels/flash_attention.py"
