@@ -145,14 +145,14 @@ def verdict(ratio: float, target: float, higher_is_better: bool = True) -> str:
     return "pass" if passed else "FAIL"
 
 
-def load_smollm2_both() -> tuple:
-    """(ours, our tokenizer, transformers' model): the same SmolLM2-135M GGUF, float32, on both sides."""
+def load_smollm2_both(dtype: torch.dtype = torch.float32) -> tuple:
+    """(ours, our tokenizer, transformers' model): the same SmolLM2-135M GGUF, in `dtype`, on both sides."""
     import transformers
 
     from model import load
     from model.sources import resolve
     gguf = resolve("smollm2-135m")
-    ours, tokenizer = load(gguf, dtype=torch.float32)
+    ours, tokenizer = load(gguf, dtype=dtype)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                                dtype=torch.float32).eval()
+                                                                dtype=dtype).eval()
     return ours, tokenizer, theirs

@@ -1,4 +1,4 @@
-"""RoPE kernel (and the reference the CPU path uses) against float64 complex multiplication: output and dx."""
+"""RoPE kernel (and the reference the CPU path uses) against the rotation written out in float64: output and dx."""
 from __future__ import annotations
 
 import pytest
@@ -15,10 +15,13 @@ SHAPES = [(1, 1, 1, 2), (2, 7, 3, 24), (1, 5, 32, 128)]
 
 
 def rope_float64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Mistral's own formulation: each adjacent pair is a complex number, multiplied by cos + j sin."""
-    pairs = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)))                  # [B, T, H, Dh/2]
-    rotated = pairs * torch.complex(cos.double(), sin.double())[None, :, None, :]
-    return torch.view_as_real(rotated).flatten(-2)
+    """The rotation written out pair by pair (the reference multiplies complex numbers instead):
+    out[2i] = x[2i] cos - x[2i+1] sin, out[2i+1] = x[2i] sin + x[2i+1] cos."""
+    x, c, s = x.double(), cos.double()[None, :, None, :], sin.double()[None, :, None, :]   # c, s [1, T, 1, Dh/2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x[..., 0::2] * c - x[..., 1::2] * s
+    out[..., 1::2] = x[..., 0::2] * s + x[..., 1::2] * c
+    return out
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

@@ -6,9 +6,11 @@ pos * theta^(-2i/head_dim), as if it were the complex number x[2i] + j x[2i+1] m
     out[2i]   = x[2i] cos - x[2i+1] sin
     out[2i+1] = x[2i] sin + x[2i+1] cos
 
-Eager PyTorch materialises the split halves, four products and a stack; the kernel reads each pair once and writes
-it once. A rotation's transpose is the rotation by the opposite angle, so the backward is the same kernel with sin
-negated, and nothing but the cos/sin tables (which the caller already holds) is kept for it.
+The reference says exactly that, as Mistral's own code does: the pairs viewed as complex numbers, one complex
+product (on the CPU ~12x faster than spelling out four real products and interleaving them again with a stack). The
+kernel reads each pair once and writes it once. A rotation's transpose is the rotation by the opposite angle, so the
+backward is the same kernel with sin negated, and nothing but the cos/sin tables (which the caller already holds) is
+kept for it.
 """
 from __future__ import annotations
 
@@ -18,12 +20,12 @@ from model.kernels._switch import jit, tl, triton
 
 
 def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Rotate in float32 (float64 when a test asks for exact arithmetic), return x's dtype.
+    """x [B, T, H, Dh], cos/sin [T, Dh/2] -> x rotated. In float32 (float64 when a test asks for exact arithmetic),
+    returned in x's dtype."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))   # [B, T, H, Dh/2, 2]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]                                          # [T, 1, Dh/2] over heads
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.flatten(-2).type_as(x)
+    z = torch.view_as_complex(xf.contiguous())                                       # x[2i] + j x[2i+1]
+    rotation = torch.complex(cos.to(xf.dtype), sin.to(xf.dtype))[:, None, :]         # e^(j angle) [T, 1, Dh/2]
+    return torch.view_as_real(z * rotation).flatten(-2).type_as(x)
 
 
 @jit
