@@ -1,5 +1,6 @@
 """train.py end to end on a tiny model: resume after kill -9 reproduces the losses bitwise, DDP equals one process,
-a non-finite loss stops the run and keeps the last good checkpoint."""
+a non-finite loss or gradient stops the run and keeps the last good checkpoint, a resume with other settings is
+refused, --overwrite leaves nothing of the old run, float16 autocast scales the loss and resumes bitwise."""
 import json
 import math
 import os
@@ -127,42 +128,28 @@ def test_two_processes_equal_one_process(workdir, monkeypatch, mode):
             assert summary[when]["perplexity"] == pytest.approx(single_result[when]["perplexity"], rel=1e-5)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch):
+# The 9th micro-batch (step 5) goes wrong: its loss is NaN, or (sqrt(0 * loss): 0 going forward, an infinite
+# derivative back) its loss is finite and its gradients are NaN, which one AdamW step would spread to every adapter.
+POISONS = {"loss": (lambda loss: loss * float("nan"), "loss is nan at step 5"),
+           "gradient": (lambda loss: loss + torch.sqrt(loss * 0), "gradient norm is nan at step 5")}
+
+
+@pytest.mark.parametrize("what", POISONS)
+def test_non_finite_loss_or_gradient_stops_and_keeps_last_good_checkpoint(workdir, monkeypatch, what):
     monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
-    out = workdir / "nan"
+    out = workdir / f"nan-{what}"
     import model.kernels
     real = model.kernels.linear_cross_entropy   # the loss Transformer.forward(tokens, targets=...) computes
-    calls = {"n": 0}
-
-    def poisoned(*a, **k):  # the 9th micro-batch (step 5) returns NaN
-        calls["n"] += 1
-        loss = real(*a, **k)
-        return loss * float("nan") if calls["n"] == 9 else loss
-
-    monkeypatch.setattr(model.kernels, "linear_cross_entropy", poisoned)
-    with pytest.raises(train.training.NonFiniteLoss, match="step 5"):
-        train.main(common(workdir, out, "--no-eval"))
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 4
-    assert all(torch.isfinite(t).all() for t in ckpt["trainable"].values())
-
-
-def test_non_finite_gradient_of_a_finite_loss_stops_before_the_update(workdir, monkeypatch):
-    # sqrt(0 * loss) is 0 going forward, but its derivative at 0 is infinite: a finite loss whose gradients are NaN.
-    # One AdamW step on them would make every adapter weight NaN and the next checkpoint worthless.
-    monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
-    out = workdir / "nan-grad"
-    import model.kernels
-    real = model.kernels.linear_cross_entropy
+    poison, message = POISONS[what]
     calls = {"n": 0}
 
     def poisoned(*a, **k):
         calls["n"] += 1
         loss = real(*a, **k)
-        return loss + torch.sqrt(loss * 0) if calls["n"] == 9 else loss
+        return poison(loss) if calls["n"] == 9 else loss
 
     monkeypatch.setattr(model.kernels, "linear_cross_entropy", poisoned)
-    with pytest.raises(train.training.NonFiniteLoss, match="gradient norm is nan at step 5"):
+    with pytest.raises(train.training.NonFiniteLoss, match=message):
         train.main(common(workdir, out, "--no-eval"))
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4
