@@ -15,7 +15,9 @@ The loop, in the order the code runs it:
 A run killed at any moment and restarted with --resume continues from its last checkpoint and reproduces the
 losses an uninterrupted run would have logged: the data order depends only on (seed, step), and the checkpoint holds
 the adapters, the optimiser, the scheduler, the loss scaler (float16) and every RNG, and the run's settings, which a
-resume must repeat. A step whose gradients are not finite stops the run before it touches the adapters.
+resume must repeat. A step whose gradients are not finite stops the run before it touches the adapters. (Under
+float16 loss scaling an overflow is expected now and then: such a step is skipped and the scale halved, and the run
+stops only when the gradients are not finite even at a scale below 1.)
 """
 from __future__ import annotations
 
@@ -55,6 +57,9 @@ PRESETS = {
                   quantize="nf4"),
 }
 CURIE_TARGETS = "wq,wk,wv,wo,w1,w2,w3,output"
+# What a run leaves in its folder that another run must not silently take over or delete (a merged 7B export is
+# ~14 GB): without --resume or --overwrite, train.py refuses a folder holding any of them.
+RUN_OUTPUTS = ("checkpoint.pt", "adapter", "adapter-peft", "merged", "summary.json")
 
 # The settings that decide a run's numbers: its model, data order, schedule, adapters, precision and perplexity
 # windows. A checkpoint records them, and --resume refuses to continue with any of them changed: that would not be
@@ -216,10 +221,14 @@ def main(argv: list[str] | None = None) -> dict:
     say = print if main_process else (lambda *a, **k: None)
     out: Path = args.out
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not (args.resume or args.overwrite):
-        sys.exit(f"train.py: error: {out} already holds a run; pass --resume to continue it, --overwrite to start "
-                 f"afresh, or another --out")
+    earlier = ", ".join(name for name in RUN_OUTPUTS if (out / name).exists())
+    if earlier and not (args.resume or args.overwrite):
+        sys.exit(f"train.py: error: {out} already holds a run ({earlier}); pass --resume to continue it, "
+                 f"--overwrite to start afresh, or another --out")
     if args.resume and not ckpt_path.exists():
+        if earlier and not args.overwrite:
+            sys.exit(f"train.py: error: {out} holds no checkpoint to --resume, but another run's {earlier}; pass "
+                     f"--overwrite to replace them, or another --out")
         say(f"no checkpoint in {out}: starting afresh")
         args.resume = False
     settings = run_settings(args, world)
@@ -231,11 +240,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--autocast float16 with --fsdp: the loss scaler here is not shard-aware; use bfloat16")
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not args.resume:  # nothing of an earlier run may survive to be mistaken for this one's (or resumed)
-            for stale in ("checkpoint.pt", "metrics.jsonl", "summary.json", "loss.svg"):
+        if args.overwrite and not args.resume:  # nothing of the old run may survive to be taken for this one's
+            for name in RUN_OUTPUTS:
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
+                else:
+                    (out / name).unlink(missing_ok=True)
+        if not args.resume:
+            for stale in ("metrics.jsonl", "loss.svg"):
                 (out / stale).unlink(missing_ok=True)
-            for stale in ("adapter", "adapter-peft", "merged"):
-                shutil.rmtree(out / stale, ignore_errors=True)
         run_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         training.atomic_write_text(out / "config.json", json.dumps(run_config, indent=2))
 
@@ -248,14 +261,16 @@ def main(argv: list[str] | None = None) -> dict:
     from data.tokens import cached_token_file, load_tokens
     say(f"tokenising training data ({args.data})")
     tokenizer_key = _tokenizer_key(args.model, tokenizer)
-    token_path = _on_rank_0_first(lambda: cached_token_file(args.data, tokenizer, tokenizer_key), rank, world)
-    blocks = PackedBlocks(load_tokens(token_path), args.seq_len, args.seed)
     sharded = args.fsdp and world > 1
     if sharded and not args.no_eval:
         say("with --fsdp no process holds whole weights: evaluate the adapter afterwards with eval_ppl.py")
-    eval_texts = None if args.no_eval or sharded else read_documents(args.eval_data)
-    val_batch = (_on_rank_0_first(lambda: _validation_batch(args, tokenizer, tokenizer_key), rank, world)
-                 if args.eval_interval else None)
+
+    def read_data():  # may build the corpus and token files: rank 0 first, the others then read them
+        return (cached_token_file(args.data, tokenizer, tokenizer_key),
+                None if args.no_eval or sharded else read_documents(args.eval_data),
+                _validation_batch(args, tokenizer, tokenizer_key) if args.eval_interval else None)
+    token_path, eval_texts, val_batch = _on_rank_0_first(read_data, rank, world)
+    blocks = PackedBlocks(load_tokens(token_path), args.seq_len, args.seed)
 
     steps = total_steps(args, world)
     global_batch = args.micro_batch * args.grad_accum * world
@@ -335,6 +350,12 @@ def main(argv: list[str] | None = None) -> dict:
         scale = scaler.get_scale() if scaler.is_enabled() else None
         scaler.step(optimizer)  # = optimizer.step(), unless float16 gradients overflowed: then the step is skipped
         scaler.update()
+        if scaler.is_enabled() and not math.isfinite(grad_norm) and scaler.get_scale() < 1:
+            raise training.NonFiniteLoss(
+                f"gradient norm is {grad_norm} at step {step + 1} (loss {loss_value:.4f}), and float16 loss scaling "
+                f"has skipped so many steps that its scale is down to {scaler.get_scale()}: gradients that are not "
+                f"finite at a scale below 1 are not an overflow. The last good checkpoint is kept in {ckpt_path} (try "
+                f"a lower --lr, or --autocast bfloat16)")
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         tokens_done += global_batch * args.seq_len

@@ -26,24 +26,23 @@ from data.polish import SPLITS, build_corpus
 def read_documents(spec: str | Path) -> list[str]:
     """The documents `spec` names (see the module docstring); raises if it names none."""
     if isinstance(spec, str) and spec in SPLITS:
-        corpus = build_corpus()
-        return _read_jsonl(corpus / f"{spec}.jsonl")
-    path = Path(spec)
-    if path.is_dir():
+        path = build_corpus() / f"{spec}.jsonl"
+        documents, empty = _read_jsonl(path), f"{path}: no documents (every text is empty)"
+    elif (path := Path(spec)).is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl"))
         if not files:
             raise ValueError(f"{path}: folder holds no .txt or .jsonl files")
         # An empty file among others holds no document and is skipped, like an empty line of a .jsonl file.
         documents = [doc for f in files for doc in _read_file(f)]
-        if not documents:
-            raise ValueError(f"{path}: no documents in its {len(files)} .txt/.jsonl files (all empty)")
-        return documents
-    if not path.exists():
+        empty = f"{path}: no documents in its {len(files)} .txt/.jsonl files (all empty)"
+    elif path.exists():
+        documents = _read_file(path)
+        empty = (f"{path}: empty file (no document)" if path.suffix == ".txt" else
+                 f"{path}: no documents (empty file, or every text is empty)")
+    else:
         raise FileNotFoundError(f"{spec}: no such file or folder (nor a corpus split: {', '.join(SPLITS)})")
-    documents = _read_file(path)
     if not documents:
-        raise ValueError(f"{path}: empty file (no document)" if path.suffix == ".txt" else
-                         f"{path}: no documents (empty file, or every text is empty)")
+        raise ValueError(empty)
     return documents
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from training import NonFiniteLoss
+
 DEFAULT_OUT = Path("runs/klej")
 
 
@@ -175,5 +177,5 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, NonFiniteLoss) as e:
         sys.exit(f"python -m klej: error: {e}")

@@ -129,9 +129,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_base(source: str | Path, device: str = "cpu", dtype: str = "float32", quantize: str | None = None):
     """-> (Transformer, tokenizer) of a checkpoint folder, .gguf or named source; quantize="nf4" holds the frozen
     base in 4-bit NormalFloat (QLoRA), quantised tensor by tensor as it loads."""
-    if quantize not in (None, "nf4"):
-        raise ValueError(f"unknown quantization {quantize!r} (nf4 or none)")
-    return load(source, device=device, dtype=DTYPES[dtype], quantize=quantize)
+    return load(source, device=device, dtype=DTYPES[dtype], quantize=quantize)   # load() refuses other values
 
 
 def open_run(run_dir: Path, device: str = "cpu") -> tuple[SequenceHead, object, Task, FinetuneConfig]:
@@ -335,7 +333,7 @@ def finetune(head: SequenceHead, tokenizer, task: Task, data: TaskData, run_dir:
         loss_sum, weight_sum = loss_terms(task, head(tokens, mask), y_train[rows].to(device), weights)
         loss = loss_sum / weight_sum
         if not torch.isfinite(loss):
-            raise training.NonFiniteLoss(f"{task.name}: loss {loss.item()} at step {step}")
+            raise training.NonFiniteLoss(f"{task.name}: loss {loss.item()} at step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)

@@ -173,7 +173,7 @@ def task_folder(task: Task, data_dir: Path) -> Path:
         return data_dir / task.folder
     if (data_dir / "train.tsv").exists():
         name = Path(os.path.abspath(data_dir)).name       # "." and "x/.." named too; a symlink keeps its own name
-        if name.startswith("klej_") and name != task.folder:
+        if name != task.folder and name in {t.folder for t in TASKS.values()}:
             raise ValueError(f"{data_dir}: this is {name}/, not {task.folder}/ of task {task.name}; pass the "
                              f"folder holding {task.folder}/ or that folder itself")
         return data_dir

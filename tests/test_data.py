@@ -337,8 +337,11 @@ def test_read_documents_txt_jsonl_and_folder(tmp_path):
 
 def test_read_documents_split_reads_the_built_corpus(tmp_path, monkeypatch):
     (tmp_path / "validation.jsonl").write_text(json.dumps({"id": "x", "source": "s", "text": "tekst"}) + "\n")
+    (tmp_path / "test.jsonl").write_text(json.dumps({"id": "y", "source": "s", "text": " "}) + "\n")
     monkeypatch.setattr("data.documents.build_corpus", lambda: tmp_path)
     assert read_documents("validation") == ["tekst"]
+    with pytest.raises(ValueError, match=r"test\.jsonl: no documents"):
+        read_documents("test")
 
 
 @pytest.mark.parametrize("name, content, message", [

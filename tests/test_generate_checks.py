@@ -64,6 +64,8 @@ def test_cache_under_autocast_gives_the_full_forward_logits(tiny):
 
 @pytest.mark.parametrize("draft_tokens", [0, 3])
 def test_generate_runs_under_autocast(tiny, draft_tokens):
+    """A smoke test: generate() used to stop with index_copy_'s dtype error under autocast. That the cache then
+    gives the right logits is the test above."""
     prompt = torch.randint(0, tiny.args.vocab_size, (9,)).tolist()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = list(generate(tiny, prompt, 12, draft_tokens=draft_tokens))

@@ -165,10 +165,11 @@ def test_another_tasks_folder_is_refused_naming_both(tmp_path):
     # PolEmo-IN's files would pass every column and label check of PolEmo-OUT: only the folder name tells them apart.
     with pytest.raises(ValueError, match=r"klej_polemo2\.0-in/, not klej_polemo2\.0-out/"):
         load_task(TASKS["polemo2.0-out"], FIXTURES / "klej_polemo2.0-in")
-    # A folder not named klej_* is taken at its word.
-    shutil.copytree(FIXTURES / "klej_polemo2.0-in", tmp_path / "my-polemo")
-    data = load_task(TASKS["polemo2.0-out"], tmp_path / "my-polemo")
-    assert len(data.train) == len(read_split(TASKS["polemo2.0-out"], tmp_path / "my-polemo" / "train.tsv"))
+    # A folder not named like another task's is taken at its word, klej_data (the README's name) included.
+    for name in ("my-polemo", "klej_data"):
+        shutil.copytree(FIXTURES / "klej_polemo2.0-in", tmp_path / name)
+        data = load_task(TASKS["polemo2.0-out"], tmp_path / name)
+        assert len(data.train) == len(read_split(TASKS["polemo2.0-out"], tmp_path / name / "train.tsv"))
 
 
 def test_a_utf8_byte_order_mark_is_dropped(tmp_path):

@@ -99,6 +99,12 @@ def test_existing_run_is_not_overwritten_by_accident(workdir, monkeypatch):
     train.main(common(workdir, out, "--no-eval", "--steps", "2"))
     with pytest.raises(SystemExit, match="--resume"):
         train.main(common(workdir, out, "--no-eval", "--steps", "2"))
+    # Its checkpoint gone, the run's adapter still guards the folder, for a plain start and for --resume alike.
+    (out / "checkpoint.pt").unlink()
+    for flag in ((), ("--resume",)):
+        with pytest.raises(SystemExit, match=r"adapter.*--overwrite"):
+            train.main(common(workdir, out, "--no-eval", "--steps", "2", *flag))
+    assert (out / "adapter" / "adapter.safetensors").exists()
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -198,6 +204,34 @@ def test_float16_autocast_scales_the_loss_and_resumes_bitwise(workdir, monkeypat
     assert all(math.isfinite(r["loss"]) and r["loss_scale"] == 2.0 ** 16 and not r["skipped"] for r in records)
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 4]   # every 3 steps, and at the last one
     assert losses(out) == losses(reference)
+
+
+def test_float16_overflow_skips_the_step_and_a_lasting_one_stops_the_run(workdir, monkeypatch):
+    # From the 9th micro-batch (step 5) on, every gradient is NaN (sqrt(0 * loss), as above). Loss scaling takes
+    # each such step for an overflow: skipped, adapters untouched, scale halved; once the scale is below 1 that
+    # explanation no longer holds and the run stops: 2^16 halved at steps 5..21 is 0.5.
+    monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
+    flags = ("--no-eval", "--autocast", "float16", "--steps", "30")
+    four = workdir / "fp16-four-steps"
+    train.main(common(workdir, four, *flags, "--max-steps-this-run", "4"))
+    import model.kernels
+    real, calls = model.kernels.linear_cross_entropy, {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss + torch.sqrt(loss * 0) if calls["n"] >= 9 else loss
+
+    monkeypatch.setattr(model.kernels, "linear_cross_entropy", poisoned)
+    out = workdir / "fp16-overflow"
+    with pytest.raises(train.training.NonFiniteLoss, match=r"step 21 .*scale is down to 0\.5"):
+        train.main(common(workdir, out, *flags))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [False] * 4 + [True] * 16
+    assert [r["loss_scale"] for r in records[4:]] == [2.0 ** (16 - i) for i in range(16)]
+    last, after_four = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (out, four))
+    assert last["step"] == 20
+    assert all(torch.equal(last["trainable"][k], after_four["trainable"][k]) for k in after_four["trainable"])
 
 
 def test_curie_style_run_nf4_bf16_checkpointing_neftune(workdir, monkeypatch):

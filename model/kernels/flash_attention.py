@@ -308,13 +308,26 @@ def _backward_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SCHEDULE,
 # Launchers and autograd
 # ---------------------------------------------------------------------------------------------------------------
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_rows: int = 64) -> bool:
-    """Whether flash_attention's tiles fit these inputs (the limits _check_inputs enforces): head_dim a power of two
-    in 16..128, one float dtype for q, k, v, and a query group no taller than block_rows."""
+def _tile_limit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_rows: int) -> str | None:
+    """Why the kernel's tiles cannot take these (well-shaped) inputs, or None when they can."""
+    if q.shape[1] % k.shape[1] != 0:
+        return f"n_heads={q.shape[1]} is not a multiple of n_kv_heads={k.shape[1]}"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"q, k, v must share one of float32/float16/bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}"
     head_dim = q.shape[-1]
-    return (16 <= head_dim <= 128 and not head_dim & (head_dim - 1)
-            and q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and q.shape[1] % k.shape[1] == 0 and q.shape[1] // k.shape[1] <= block_rows)
+    # tl.dot needs at least 16; past 128 the fp32 tiles outgrow an H100/H200's 227 KiB of shared memory.
+    if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
+        return f"head_dim={head_dim} is not supported; use 16, 32, 64 or 128"
+    if q.shape[1] // k.shape[1] > block_rows:
+        return (f"block_rows={block_rows} is smaller than the query group n_heads / n_kv_heads = "
+                f"{q.shape[1] // k.shape[1]}")
+    return None
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_rows: int = 64) -> bool:
+    """Whether flash_attention's tiles fit these inputs (head_dim a power of two in 16..128, one float dtype for
+    q, k, v, a query group no taller than block_rows), so that a caller can take another path instead."""
+    return _tile_limit(q, k, v, block_rows) is None
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None,
@@ -331,26 +344,16 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_win
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"{where}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree on "
                          "batch, sequence length and head_dim")
-    if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"{where}: n_heads={q.shape[1]} is not a multiple of n_kv_heads={k.shape[1]}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"{where}: q, k, v must share one of float32/float16/bfloat16; "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{where}: q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-    head_dim = q.shape[-1]
-    # tl.dot needs at least 16; past 128 the fp32 tiles outgrow an H100/H200's 227 KiB of shared memory.
-    if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
-        raise ValueError(f"{where}: head_dim={head_dim} is not supported; use 16, 32, 64 or 128")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"{where}: sliding_window={sliding_window} must be >= 1 or None")
     for name, size in (("block_rows", block_rows), ("block_keys", block_keys)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"{where}: {name}={size} must be a power of two >= 16 (tl.dot's smallest tile)")
-    group = q.shape[1] // k.shape[1]
-    if group > block_rows:
-        raise ValueError(f"{where}: block_rows={block_rows} is smaller than the query group "
-                         f"n_heads / n_kv_heads = {group}")
+    reason = _tile_limit(q, k, v, block_rows)
+    if reason:
+        raise ValueError(f"{where}: {reason}")
 
 
 def _launch_args(q: torch.Tensor, k: torch.Tensor, sliding_window: int | None,
