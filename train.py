@@ -1,6 +1,6 @@
 """Language-adaptive pre-training (LAPT): freeze an English model, train LoRA adapters on Polish text.
 
-    python train.py                      # SmolLM2-135M on the Polish corpus, on the CPU, about ten minutes
+    python train.py                      # SmolLM2-135M on the Polish corpus, on the CPU, 5-10 minutes
     python train.py --preset curie --model path/to/mistral-7b      # the paper's recipe, on a GPU
     torchrun --nproc_per_node=2 train.py ...                        # data-parallel (DDP)
 
