@@ -7,7 +7,7 @@ pos * theta^(-2i/head_dim), as if it were the complex number x[2i] + j x[2i+1] m
     out[2i+1] = x[2i] sin + x[2i+1] cos
 
 The reference says exactly that, as Mistral's own code does: the pairs viewed as complex numbers, one complex
-product (on the CPU ~12x faster than spelling out four real products and interleaving them again with a stack). The
+product (on the CPU 7-12x faster than spelling out four real products and interleaving them again with a stack). The
 kernel reads each pair once and writes it once. A rotation's transpose is the rotation by the opposite angle, so the
 backward is the same kernel with sin negated, and nothing but the cos/sin tables (which the caller already holds) is
 kept for it.
