@@ -145,14 +145,15 @@ def verdict(ratio: float, target: float, higher_is_better: bool = True) -> str:
     return "pass" if passed else "FAIL"
 
 
-def load_smollm2_both(dtype: torch.dtype = torch.float32) -> tuple:
-    """(ours, our tokenizer, transformers' model): the same SmolLM2-135M GGUF, in `dtype`, on both sides."""
+def load_smollm2_both(dtype: torch.dtype = torch.float32, gguf_blocks: bool = True) -> tuple:
+    """(ours, our tokenizer, transformers' model): the same SmolLM2-135M GGUF, in `dtype`, on both sides.
+    gguf_blocks: ours also keeps the file's blocks for decoding (`model.load`'s default)."""
     import transformers
 
     from model import load
     from model.sources import resolve
     gguf = resolve("smollm2-135m")
-    ours, tokenizer = load(gguf, dtype=dtype)
+    ours, tokenizer = load(gguf, dtype=dtype, gguf_blocks=gguf_blocks)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                                 dtype=dtype).eval()
     return ours, tokenizer, theirs

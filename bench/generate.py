@@ -11,7 +11,10 @@ and theirs:
   greedy generation   new tokens / seconds of one whole call: ours `model.generate` (chunked prefill of the prompt,
                       then one token at a time through the rolling KV cache), theirs `generate(do_sample=False)`
                       with min_new_tokens = max_new_tokens, so both produce exactly the same number of tokens (the
-                      two token sequences are also compared: greedy decoding must agree)
+                      two token sequences are also compared: greedy decoding must agree). Ours as `model.load`
+                      gives it: float32 weights plus the GGUF's Q4_1/Q8_0 blocks, which decode steps read instead
+                      (the same weight values, float32 arithmetic; model/kernels/gguf_blocks.py). The row below it
+                      is ours with the float32 weights alone (`load(..., gguf_blocks=False)`), as theirs runs.
   prompt lookup       the same greedy generation, speculative: up to --draft-tokens guesses copied from earlier in
                       the text, checked in one forward pass (ours `generate(..., draft_tokens=N)`, theirs
                       `generate(..., prompt_lookup_num_tokens=N, max_matching_ngram_size=3)`); the tokens must still
@@ -69,11 +72,16 @@ def main() -> None:
     import transformers
 
     from model import generate
+    from model import load
     ours, tokenizer, theirs = load_smollm2_both(getattr(torch, args.dtype))
+    from model.sources import resolve
+    ours_dense, _ = load(resolve("smollm2-135m"), dtype=getattr(torch, args.dtype), gguf_blocks=False)
+    n_blocks = sum(getattr(m, "gguf_blocks", None) is not None for m in ours.modules())
     print(f"machine: {machine_summary(threads)}")
     print(f"{args.dtype}; transformers {transformers.__version__}, "
           f"attention '{theirs.config._attn_implementation}'; "
-          f"{runs} timed runs per side, alternated, medians reported\n")
+          f"{runs} timed runs per side, alternated, medians reported; ours keeps the GGUF blocks of {n_blocks} "
+          f"linear layers\n")
 
     prompt = polish_prompt(tokenizer, prompt_len)
     prompt_tensor = torch.tensor([prompt])
@@ -81,6 +89,9 @@ def main() -> None:
 
     def ours_generate() -> list[int]:
         return list(generate(ours, prompt, new_tokens))
+
+    def ours_dense_generate() -> list[int]:
+        return list(generate(ours_dense, prompt, new_tokens))
 
     @torch.no_grad()
     def theirs_generate() -> list[int]:
@@ -102,9 +113,10 @@ def main() -> None:
     # Also the warm-up round of the generation timing: every variant must give the tokens of plain greedy decoding.
     reference = ours_generate()
     same = {name: fn() == reference for name, fn in (("theirs", theirs_generate), ("ours lookup", ours_lookup),
-                                                     ("theirs lookup", theirs_lookup))}
+                                                     ("theirs lookup", theirs_lookup),
+                                                     ("ours float32 weights only", ours_dense_generate))}
     decode = alternate({"ours": ours_generate, "theirs": theirs_generate, "ours lookup": ours_lookup,
-                        "theirs lookup": theirs_lookup}, runs, warmup=0)
+                        "theirs lookup": theirs_lookup, "ours dense": ours_dense_generate}, runs, warmup=0)
 
     @torch.no_grad()
     def ours_prefill() -> torch.Tensor:
@@ -137,6 +149,8 @@ def main() -> None:
 
     add(f"greedy generation, {prompt_len}-token prompt + {new_tokens} new (new tok/s)", new_tokens,
         decode["ours"], decode["theirs"], GENERATE_TARGET)
+    add("greedy generation, ours with the float32 weights alone (no GGUF blocks)", new_tokens,
+        decode["ours dense"], decode["theirs"], None)
     # Not judged against the target: transformers has the same method one argument away (the next row), and how
     # much it gains depends on how much the text repeats itself (docs/benchmarks.md).
     add(f"greedy generation: ours with prompt lookup ({args.draft_tokens} guesses) vs theirs plain",

@@ -129,7 +129,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_base(source: str | Path, device: str = "cpu", dtype: str = "float32", quantize: str | None = None):
     """-> (Transformer, tokenizer) of a checkpoint folder, .gguf or named source; quantize="nf4" holds the frozen
     base in 4-bit NormalFloat (QLoRA), quantised tensor by tensor as it loads."""
-    return load(source, device=device, dtype=DTYPES[dtype], quantize=quantize)   # load() refuses other values
+    # load() refuses other values; GGUF blocks only speed up decoding, which classification never does
+    return load(source, device=device, dtype=DTYPES[dtype], quantize=quantize, gguf_blocks=False)
 
 
 def open_run(run_dir: Path, device: str = "cpu") -> tuple[SequenceHead, object, Task, FinetuneConfig]:

@@ -350,6 +350,13 @@ class GGUFFile:
                              f"the end of the file ({self._data.size} bytes); truncated GGUF?")
         return GGUFTensor(name, tuple(reversed(ne)), ggml_type, type_name, offset, n_bytes)
 
+    def raw(self, name: str) -> torch.Tensor:
+        """One tensor's bytes as stored (its packed blocks), copied out of the mapped file: uint8 [n_bytes]."""
+        if name not in self.tensors:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        t = self.tensors[name]
+        return torch.from_numpy(np.array(self._data[t.offset:t.offset + t.n_bytes]))
+
     def load_tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantise one tensor into a new tensor of `dtype`, in PyTorch's shape (e.g. [rows, cols])."""
         if name not in self.tensors:

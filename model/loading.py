@@ -197,13 +197,42 @@ def build_model(args: ModelArgs, tensors: TensorStream, device="cpu", dtype=torc
     return model
 
 
+def keep_gguf_blocks(model: Transformer, g) -> int:
+    """Give every float32 CPU linear layer whose GGUF tensor is Q4_0/Q4_1/Q8_0 its blocks (`Linear.gguf_blocks`),
+    which decode steps read instead of the float32 weight (kernels/gguf_blocks.py). -> bytes kept (0 where the
+    kernel cannot be built: then nothing is kept)."""
+    from model.kernels import gguf_blocks
+    from model.transformer import Linear
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear) or module.weight.dtype != torch.float32 or module.weight.is_meta \
+                or module.weight.device.type != "cpu":
+            continue
+        # A tied head is the embedding matrix: its blocks are token_embd's.
+        gguf_name = "token_embd.weight" if module.weight is model.tok_embeddings.weight \
+            else convert.to_gguf_name(f"{name}.weight")
+        t = g.tensors.get(gguf_name)
+        if t is not None and t.ggml_type in gguf_blocks.BLOCK_TYPES:
+            layers.append((module, gguf_name, t))
+    if not layers or gguf_blocks.library() is None:
+        return 0
+    for module, gguf_name, t in layers:
+        try:
+            module.gguf_blocks = gguf_blocks.pack(g.raw(gguf_name), t.ggml_type, t.shape).attach(module.weight)
+        except ValueError as e:
+            raise ValueError(f"{g.path}: tensor {gguf_name!r}: {e}") from None
+    return sum(module.gguf_blocks.nbytes() for module, _, _ in layers)
+
+
 def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         require_tokenizer: bool = True, quantize: str | None = None, transform=None):
+         require_tokenizer: bool = True, quantize: str | None = None, transform=None, gguf_blocks: bool = True):
     """-> (Transformer in eval mode, tokenizer). `source`: a checkpoint folder, a .gguf file or a named source.
 
     quantize="nf4" holds every linear layer of the blocks in 4-bit NormalFloat, quantised tensor by tensor as it is
     read (QLoRA's base; see model/nf4.py). With require_tokenizer=False a checkpoint without a tokenizer loads too,
-    and the tokenizer returned is None.
+    and the tokenizer returned is None. gguf_blocks: a float32 model on the CPU loaded from a GGUF also keeps the
+    file's Q4_0/Q4_1/Q8_0 blocks of its linear layers, which decoding reads instead of the float32 weights (the same
+    values; kernels/gguf_blocks.py); False keeps the float32 weights alone.
     """
     if quantize is not None:
         if quantize != "nf4":
@@ -240,5 +269,7 @@ def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
             from model.tokenizer import load_tokenizer
             tokenizer = load_tokenizer(path)
     model = build_model(args, stream, device, dtype, transform, source=where, source_name=source_name)
+    if path.is_file() and gguf_blocks:
+        keep_gguf_blocks(model, g)
     return model.eval(), tokenizer
 

@@ -20,13 +20,22 @@ import torch.utils.checkpoint
 from model import kernels
 from model.args import ModelArgs
 from model.cache import RollingKVCache
+from model.kernels import gguf_blocks
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state-dict names) whose product is `kernels.linear`: on the CPU, float32
-    matrix products run in oneDNN, about twice as fast as F.linear's BLAS on some CPUs (kernels/matmul.py)."""
+    matrix products run in oneDNN, about twice as fast as F.linear's BLAS on some CPUs (kernels/matmul.py).
+
+    A layer loaded from a GGUF's 4/8-bit blocks keeps them in `gguf_blocks`, and a product of a few rows (a decode
+    step) reads those instead of the float32 weight they equal: 4-7x fewer bytes (kernels/gguf_blocks.py)."""
+
+    gguf_blocks: gguf_blocks.Blocks | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gguf_blocks is not None and self.bias is None and gguf_blocks.applies(x, self.gguf_blocks,
+                                                                                      self.weight):
+            return gguf_blocks.matmul(x, self.gguf_blocks)
         return kernels.linear(x, self.weight, self.bias)
 
 

@@ -92,8 +92,10 @@ def gguf_name(ours: str) -> str:
     return f"{GGUF_TOP[module]}.{leaf}"
 
 
-def write_gguf(path, model: Transformer, drop=(), extra=None, tokenizer_model="gpt2", rope_scaling=None):
-    """model's weights as a float32 llama GGUF (q/k rows already in llama.cpp's = our interleaved layout)."""
+def write_gguf(path, model: Transformer, drop=(), extra=None, tokenizer_model="gpt2", rope_scaling=None,
+               quant=None):
+    """model's weights as a float32 llama GGUF (q/k rows already in llama.cpp's = our interleaved layout).
+    quant(gguf_name) -> a gguf.GGMLQuantizationType (or None: float32) quantises tensors with the gguf package."""
     a = model.args
     w = gguf.GGUFWriter(path, arch="llama")
     w.add_block_count(a.n_layers)
@@ -113,8 +115,13 @@ def write_gguf(path, model: Transformer, drop=(), extra=None, tokenizer_model="g
     w.add_tokenizer_model(tokenizer_model)
     w.add_token_list([f"<{i}>" for i in range(a.vocab_size)])
     for name, t in model.state_dict().items():
-        if name not in drop:
+        if name in drop:
+            continue
+        qtype = quant(gguf_name(name)) if quant else None
+        if qtype is None:
             w.add_tensor(gguf_name(name), t.float().numpy())
+        else:
+            w.add_tensor(gguf_name(name), gguf.quants.quantize(t.float().numpy(), qtype), raw_dtype=qtype)
     for name, array in (extra or {}).items():
         w.add_tensor(name, array)
     w.write_header_to_file()

@@ -1,0 +1,229 @@
+"""Decode from a GGUF's own 4- and 8-bit blocks: y = x @ W.T for a few rows of x, in float32, reading the blocks.
+
+Why. One decode step multiplies a single token's activations by every weight of the model, so it is bound by how
+fast the weights stream from memory, not by arithmetic: SmolLM2-135M dequantised to float32 is 538 MB per token,
+about 26 ms on one core of our test machine even in oneDNN. The GGUF it came from holds the same weights in
+32-value blocks of 4 or 8 bits plus fp16 scales (Q4_1: 5 bits a weight), and rebuilding a weight from its block
+costs less than reading its float32 copy. So a linear layer loaded from such a block keeps the blocks beside its
+float32 weight, and a product with at most `MAX_ROWS` rows of x (a decode or speculative step) reads them instead:
+all of SmolLM2's products then take 6 ms a token instead of 26 (`python bench/generate.py`, docs/benchmarks.md).
+
+Same arithmetic. Each weight is rebuilt in float32 exactly as the dequantiser builds it (d * code + m: the product
+is exact, so the single rounding is the same), then multiplied and summed in float32. The result differs from
+x @ W.T on the dequantised W only in the order of the additions, as any two GEMMs differ.
+
+    Q4_0   W = d * (code - 8)     stored as code 0..15, m = -8 d (d * code - 8 d is d * (code - 8) exactly;
+                                  only a zero may come out +0.0 instead of -0.0)
+    Q4_1   W = d * code + m
+    Q8_0   W = d * code           code -128..127
+
+Other GGUF types (k-quants, F16, ...) load as float32 only. The blocks are only used while they still are the
+layer's weight: `matches` checks that it is the same tensor, unchanged since (a LoRA merge, an optimiser step or
+load_state_dict bumps its version counter; `.to()` or `p.data = ...` gives it new memory).
+
+The kernel is ~150 lines of C (gguf_blocks.c: AVX-512, AVX2 or plain C, OpenMP over the rows of W), compiled once
+with the system's C compiler (`$CC`, default `cc`) into the cache folder and called through ctypes. Without a
+compiler, or with MINICURIE_KERNELS=reference, every product runs on the float32 weight as before.
+`reference_matmul` below is the PyTorch reference the tests compare it with.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model.kernels._switch import current_mode
+
+QK = 32          # values per block
+MAX_ROWS = 8     # rows of x the kernel takes per call (gguf_blocks.c's MAX_X); more rows go to oneDNN's GEMM
+BLOCK_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}   # ggml type id -> name, the types kept as blocks
+
+_SOURCE = Path(__file__).with_name("gguf_blocks.c")
+
+
+@dataclass
+class Blocks:
+    """W [n_out, k] as 32-value blocks (layout in gguf_blocks.c), tied to the float32 weight it equals."""
+    bits: int                 # 4 or 8
+    codes: torch.Tensor       # uint8 [n_out, k/2] (4-bit, two codes a byte) or int8 [n_out, k] (8-bit)
+    d: torch.Tensor           # float32 [n_out, k/32]
+    m: torch.Tensor | None    # float32 [n_out, k/32] (4-bit only)
+    weight: torch.Tensor | None = None   # the layer's float32 weight these blocks equal (set by `attach`)
+    version: int = -1
+    data_ptr: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.d.shape[0], self.d.shape[1] * QK
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.codes, self.d, self.m) if t is not None)
+
+    def attach(self, weight: torch.Tensor) -> "Blocks":
+        """Record which tensor (and which state of it) these blocks stand for."""
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(f"blocks of shape {self.shape} cannot stand for a weight of shape {tuple(weight.shape)}")
+        self.weight, self.version, self.data_ptr = weight, weight._version, weight.data_ptr()
+        return self
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        """Are these blocks still `weight`: the same tensor, same memory, not written to since `attach`?"""
+        return (weight is self.weight and weight._version == self.version and weight.data_ptr() == self.data_ptr
+                and weight.dtype == torch.float32 and weight.device.type == "cpu")
+
+
+def pack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> Blocks:
+    """A GGUF tensor's bytes (uint8 [n_blocks * type_size]) of type Q4_0, Q4_1 or Q8_0 -> Blocks of `shape`."""
+    n_out, k = shape
+    if ggml_type not in BLOCK_TYPES:
+        raise ValueError(f"ggml type id {ggml_type} is not kept as blocks (only {', '.join(BLOCK_TYPES.values())})")
+    if k % QK:
+        raise ValueError(f"rows of {k} values are not whole blocks of {QK}")
+    name = BLOCK_TYPES[ggml_type]
+    type_size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[name]
+    if raw.numel() != n_out * k // QK * type_size:
+        raise ValueError(f"{name} {shape}: expected {n_out * k // QK * type_size} bytes, got {raw.numel()}")
+    b = raw.reshape(n_out, k // QK, type_size)
+
+    def f16(lo: int) -> torch.Tensor:   # a little-endian fp16 field of every block -> float32 [n_out, k/32]
+        return b[..., lo:lo + 2].contiguous().view(torch.float16).squeeze(-1).float()
+
+    d = f16(0)
+    if name == "Q8_0":
+        return Blocks(8, b[..., 2:].contiguous().view(torch.int8).reshape(n_out, k), d, None)
+    m = f16(2) if name == "Q4_1" else -8 * d
+    first = 4 if name == "Q4_1" else 2
+    return Blocks(4, b[..., first:].contiguous().reshape(n_out, k // 2), d, m)
+
+
+def dequantize(blocks: Blocks) -> torch.Tensor:
+    """Blocks -> the float32 W [n_out, k] they stand for, in PyTorch (the dequantiser's arithmetic)."""
+    n_out, k = blocks.shape
+    if blocks.bits == 8:
+        return (blocks.codes.view(n_out, k // QK, QK).float() * blocks.d[..., None]).reshape(n_out, k)
+    c = blocks.codes.view(n_out, k // QK, QK // 2)
+    codes = torch.cat((c & 15, c >> 4), dim=-1).float()   # low nibbles are values 0-15 of a block, high 16-31
+    return (codes * blocks.d[..., None] + blocks.m[..., None]).reshape(n_out, k)
+
+
+def reference_matmul(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+    """x [..., k] @ W.T -> [..., n_out], W dequantised: what `matmul` computes, in plain PyTorch."""
+    return F.linear(x, dequantize(blocks))
+
+
+# ----------------------------------------------------------------------------------------------------- the kernel
+
+_lib: ctypes.CDLL | None = None
+_lib_tried = False
+_lib_lock = threading.Lock()
+
+
+def _cpu_signature() -> str:
+    """The CPU's instruction sets, as -march=native sees them: a library built for another CPU is not reused."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.processor() + platform.machine()
+
+
+def compile_library(flags: list[str], target: Path) -> str | None:
+    """Compile gguf_blocks.c with `flags` into `target` (atomically: temp file + rename). -> None, or the error."""
+    cc = os.environ.get("CC", "cc")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", tmp],
+                             capture_output=True, text=True, timeout=120)
+        if run.returncode:
+            return f"{cc} {' '.join(flags)}: {run.stderr.strip()[-300:]}"
+        os.replace(tmp, target)   # another process sees no library or a whole one
+        return None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{cc} {' '.join(flags)}: {e}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for fn, n_ptr in (("gguf_blocks_matmul_q4", 5), ("gguf_blocks_matmul_q8", 4)):
+        getattr(lib, fn).argtypes = [ctypes.c_void_p] * n_ptr + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                                                                  ctypes.c_int]
+        getattr(lib, fn).restype = ctypes.c_int
+    return lib
+
+
+# Tried in order: the CPU's own instruction sets (AVX-512 or AVX2 paths), then none (plain C), then no OpenMP.
+BUILD_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+
+
+def _build() -> ctypes.CDLL:
+    """Compile gguf_blocks.c into the cache folder (once per source, compiler, flags and CPU) and load it."""
+    from model.sources import cache_dir
+    source = _SOURCE.read_bytes()
+    errors = []
+    for flags in BUILD_FLAGS:
+        key = hashlib.sha256(source + " ".join([os.environ.get("CC", "cc"), *flags, _cpu_signature()]).encode())
+        target = cache_dir() / "kernels" / f"gguf_blocks-{key.hexdigest()[:16]}.so"
+        if not target.exists():
+            error = compile_library(flags, target)
+            if error:
+                errors.append(error)
+                continue
+        return open_library(target)
+    raise RuntimeError("; ".join(errors))
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot be built (said once, as a warning)."""
+    global _lib, _lib_tried
+    with _lib_lock:
+        if not _lib_tried:
+            _lib_tried = True
+            try:
+                _lib = _build()
+            except Exception as e:   # no compiler, read-only cache, ...: products run on the float32 weights
+                warnings.warn(f"GGUF block kernel unavailable, decoding from float32 weights instead ({e})")
+    return _lib
+
+
+def applies(x: torch.Tensor, blocks: Blocks | None, weight: torch.Tensor) -> bool:
+    """Does y = x @ weight.T go to the block kernel? Small float32 CPU products outside autograd and autocast."""
+    return (blocks is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+            and 0 < x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.is_autocast_enabled("cpu") and current_mode() != "reference"
+            and blocks.matches(weight) and library() is not None)
+
+
+def matmul(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+    """x [..., k] (at most MAX_ROWS rows) @ W.T -> float32 [..., n_out], from the blocks."""
+    n_out, k = blocks.shape
+    x2 = x.reshape(-1, k).contiguous()
+    y = torch.empty(x2.shape[0], n_out)
+    lib, p = library(), ctypes.c_void_p
+    if blocks.bits == 4:
+        rc = lib.gguf_blocks_matmul_q4(p(blocks.codes.data_ptr()), p(blocks.d.data_ptr()), p(blocks.m.data_ptr()),
+                                       p(x2.data_ptr()), p(y.data_ptr()), n_out, k, x2.shape[0],
+                                       torch.get_num_threads())
+    else:
+        rc = lib.gguf_blocks_matmul_q8(p(blocks.codes.data_ptr()), p(blocks.d.data_ptr()), p(x2.data_ptr()),
+                                       p(y.data_ptr()), n_out, k, x2.shape[0], torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"gguf_blocks kernel refused {x2.shape[0]} rows")
+    return y.view(*x.shape[:-1], n_out)
