@@ -13,6 +13,8 @@ Shapes are SmolLM2-135M's (dim 576, hidden 1536, 3 KV heads of 64, vocab 49152),
 per product as in the model: compute-bound rows (a 2048-token LoRA step or scoring window, forward and the two
 backward products) report GFLOP/s; decode rows (1 and 7 tokens through every weight of the model, one step with
 and without 6 speculative guesses) report the GB/s of weights read. Each row: alternated runs, medians.
+A second table times the decode products of the real SmolLM2 GGUF both ways: oneDNN on the float32 weights, and
+the block kernel on the file's own Q4_1 / Q8_0 blocks (model/kernels/gguf_blocks.py).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the other benchmarks)")
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--no-blocks", action="store_true", help="skip the GGUF block kernel table (needs SmolLM2)")
     args = p.parse_args()
     threads = set_threads(args.threads)
     print(f"machine: {machine_summary(threads)}")
@@ -74,6 +77,41 @@ def main() -> None:
                 lambda: [F.linear(xs[w.shape[1]], w) for w in weights])
     print(markdown_table(["product (float32)", "F.linear (MKL)", "kernels.linear (oneDNN)", "unit", "oneDNN / MKL"],
                          rows))
+    if not args.no_blocks:
+        gguf_blocks_table(args.runs)
+
+
+def gguf_blocks_table(runs: int) -> None:
+    """Decode products of the real SmolLM2 GGUF: oneDNN on the float32 weights vs the block kernel on the file's
+    Q4_1 / Q8_0 blocks (model/kernels/gguf_blocks.py), the same weights; time per pass over all 211 products."""
+    from model import load
+    from model.kernels import gguf_blocks
+    model, _ = load("smollm2-135m", require_tokenizer=False)
+    layers = [m for m in model.modules() if getattr(m, "gguf_blocks", None) is not None]
+    if not layers:
+        print("\nno GGUF block kernel here (no C compiler?): nothing to compare")
+        return
+    dense_mb = sum(m.weight.nbytes for m in layers) / 1e6
+    blocks_mb = sum(m.gguf_blocks.nbytes() for m in layers) / 1e6
+    print(f"\nSmolLM2-135M's GGUF: {len(layers)} products, float32 weights {dense_mb:.0f} MB, "
+          f"blocks {blocks_mb:.0f} MB")
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for t in (1, 2, 4, 7):
+        xs = {i: torch.randn(t, i, generator=g) for i in (DIM, HIDDEN)}
+        with torch.no_grad():
+            worst = max(((gguf_blocks.matmul(xs[m.in_features], m.gguf_blocks)
+                          - matmul_nt(xs[m.in_features], m.weight)).abs().max()
+                         / matmul_nt(xs[m.in_features], m.weight).abs().max()).item() for m in layers)
+            s = alternate({"dense": lambda: [matmul_nt(xs[m.in_features], m.weight) for m in layers],
+                           "blocks": lambda: [gguf_blocks.matmul(xs[m.in_features], m.gguf_blocks)
+                                              for m in layers]}, runs)
+        a, b = median(s["dense"]), median(s["blocks"])
+        rows.append([f"decode: {t} token(s) through all {len(layers)} weights", f"{a * 1e3:.2f}",
+                     f"{b * 1e3:.2f}", f"{dense_mb / 1e3 / a:.1f} / {blocks_mb / 1e3 / b:.1f}", f"{a / b:.2f}x",
+                     f"{worst:.1e}"])
+    print(markdown_table(["product (float32)", "oneDNN, float32 weights (ms)", "GGUF blocks (ms)",
+                          "GB/s read, dense / blocks", "speed-up", "max |diff| / max |y|"], rows))
 
 
 if __name__ == "__main__":
