@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from model import kernels
 from model.args import ModelArgs
 from model.cache import RollingKVCache
-from model.kernels import gguf_blocks
+from model.kernels import gguf_blocks as block_kernel
 
 
 class Linear(nn.Linear):
@@ -28,15 +28,22 @@ class Linear(nn.Linear):
     matrix products run in oneDNN, about twice as fast as F.linear's BLAS on some CPUs (kernels/matmul.py).
 
     A layer loaded from a GGUF's 4/8-bit blocks keeps them in `gguf_blocks`, and a product of a few rows (a decode
-    step) reads those instead of the float32 weight they equal: 4-7x fewer bytes (kernels/gguf_blocks.py)."""
+    step) reads those instead of the float32 weight they equal: 4-5x fewer bytes (kernels/gguf_blocks.py)."""
 
-    gguf_blocks: gguf_blocks.Blocks | None = None
+    gguf_blocks: block_kernel.Blocks | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gguf_blocks is not None and self.bias is None and gguf_blocks.applies(x, self.gguf_blocks,
-                                                                                      self.weight):
-            return gguf_blocks.matmul(x, self.gguf_blocks)
+        if self.gguf_blocks is not None and block_kernel.applies(x, self.gguf_blocks, self.weight):
+            return block_kernel.matmul(x, self.gguf_blocks)
         return kernels.linear(x, self.weight, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .half(), .cuda(), ... give the weight new contents that may land at the old address: the blocks
+        # then no longer stand for it.
+        out = super()._apply(fn, recurse)
+        if self.gguf_blocks is not None and not self.gguf_blocks.matches(self.weight):
+            self.gguf_blocks = None
+        return out
 
 
 class RMSNorm(nn.Module):

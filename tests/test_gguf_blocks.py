@@ -5,8 +5,13 @@ it must not, and whole models loaded from quantised GGUFs: the same logits and t
 from __future__ import annotations
 
 import dataclasses
+import gc
+import os
 import shutil
+import subprocess
+import sys
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +22,7 @@ from model.args import ModelArgs
 from model.generate import generate
 from model.gguf import GGML_TYPES, dequantize as gguf_dequantize
 from model.kernels import gguf_blocks, use_kernels
-from model.loading import load
+from model.loading import drop_gguf_blocks, load
 from model.transformer import Linear, Transformer
 from tests.test_gguf import random_blocks
 from tests.test_loading_checks import write_gguf
@@ -25,8 +30,8 @@ from tests.test_loading_checks import write_gguf
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
 
-HAVE_CC = shutil.which("cc") is not None
-needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler (cc) on PATH: the kernel cannot be built")
+HAVE_CC = shutil.which(os.environ.get("CC", "cc")) is not None
+needs_cc = pytest.mark.skipif(not HAVE_CC, reason="no C compiler ($CC or cc) on PATH: the kernel cannot be built")
 TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
 
 
@@ -120,7 +125,7 @@ def run_kernel(lib, x: torch.Tensor, blocks: gguf_blocks.Blocks, threads: int = 
 
 
 @pytest.mark.parametrize("type_name", TYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("rows", range(1, gguf_blocks.MAX_ROWS + 1))   # each case of the C switch
 def test_kernel_equals_float64_products(kernel_path, type_name, rows):
     rng = np.random.default_rng(rows)
     n_out, k = 37, 160                                      # an odd row count; 5 blocks a row
@@ -165,7 +170,7 @@ def test_layer_uses_blocks_only_while_they_are_its_weight():
     layer.gguf_blocks = blocks.attach(layer.weight)
     x = torch.randn(1, 64)
 
-    def used(x, **kw) -> bool:
+    def used(x) -> bool:
         return gguf_blocks.applies(x, layer.gguf_blocks, layer.weight)
 
     with torch.no_grad():
@@ -189,6 +194,94 @@ def test_layer_uses_blocks_only_while_they_are_its_weight():
     layer.weight.data = layer.weight.data.clone()
     assert not used(x)
     assert not gguf_blocks.applies(x, blocks.attach(torch.zeros(48, 64)), layer.weight)
+    layer.gguf_blocks = blocks.attach(layer.weight)
+    assert not used(torch.randn(1, 32))       # another width: F.linear's own error, not the kernel's
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        layer(torch.randn(1, 32))
+
+
+@needs_cc
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")   # inside torch.func
+def test_forward_ad_and_torch_func_take_the_dense_product():
+    from torch.autograd import forward_ad
+    blocks = sane_blocks(np.random.default_rng(2), "Q8_0", 16, 32)
+    layer = Linear(32, 16, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        layer.weight.copy_(gguf_blocks.dequantize(blocks))
+    layer.gguf_blocks = blocks.attach(layer.weight)
+    x, t = torch.randn(1, 32), torch.randn(1, 32)
+    with forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(layer(forward_ad.make_dual(x, t))).tangent
+    torch.testing.assert_close(tangent, t @ layer.weight.T)     # the kernel would have dropped it
+    _, jvp = torch.func.jvp(layer, (x,), (t,))
+    torch.testing.assert_close(jvp, t @ layer.weight.T)
+    torch.testing.assert_close(torch.func.vmap(layer)(x), x @ layer.weight.T)
+
+
+@needs_cc
+def test_kernel_output_is_float32_whatever_the_default_dtype():
+    blocks = sane_blocks(np.random.default_rng(4), "Q4_1", 8, 32)
+    x = torch.randn(1, 32)
+    expected = gguf_blocks.reference_matmul(x, blocks)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        y = gguf_blocks.matmul(x, blocks)
+    finally:
+        torch.set_default_dtype(previous)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, expected)
+
+
+@needs_cc
+def test_moving_or_replacing_the_weight_drops_the_blocks(tmp_path):
+    model, _ = load(quantised_gguf(tmp_path / "tiny.gguf", tied=True), require_tokenizer=False)
+
+    def kept() -> int:
+        return sum(getattr(m, "gguf_blocks", None) is not None for m in model.modules())
+    assert kept() == 7 * model.args.n_layers + 1
+    model.float()                       # already float32: nothing changes, the blocks stay
+    assert kept() == 7 * model.args.n_layers + 1
+    layer = model.layers[0].attention.wq
+    old = layer.weight
+    layer.weight = torch.nn.Parameter(old.detach().clone())    # a new tensor: the blocks no longer apply
+    assert not layer.gguf_blocks.matches(layer.weight)
+    ref = weakref.ref(old)
+    del old
+    gc.collect()
+    assert ref() is None               # and they do not keep the old weight alive
+    model.half().float()               # the values are rounded; the memory may even be reused: blocks dropped
+    assert kept() == 0
+    model2, _ = load(quantised_gguf(tmp_path / "tiny2.gguf", tied=False), require_tokenizer=False)
+    drop_gguf_blocks(model2)
+    assert not any(getattr(m, "gguf_blocks", None) is not None for m in model2.modules())
+
+
+@needs_cc
+def test_a_cached_library_that_does_not_load_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINICURIE_CACHE", str(tmp_path))
+    monkeypatch.setattr(gguf_blocks, "_lib", None)
+    monkeypatch.setattr(gguf_blocks, "_lib_tried", False)
+    assert gguf_blocks.library() is not None
+    (built,) = (tmp_path / "kernels").glob("gguf_blocks-*.so")
+    assert built.stat().st_mode & 0o044 == 0o044 & ~current_umask()     # readable by others, as the umask allows
+    truncated = tmp_path / "truncated"       # a new file renamed over it: this process still maps the old one
+    truncated.write_bytes(built.read_bytes()[:100])
+    os.replace(truncated, built)
+    # A new process (this one has the library loaded already, and dlopen would hand it back by name).
+    check = ("import warnings; warnings.simplefilter('error'); from model.kernels import gguf_blocks; "
+             "assert gguf_blocks.library() is not None")
+    run = subprocess.run([sys.executable, "-c", check], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, env={**os.environ, "MINICURIE_CACHE": str(tmp_path)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert built.stat().st_size > 100
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]    # no temp files left behind
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ------------------------------------------------------------------------------------------ whole models

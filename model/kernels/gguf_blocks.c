@@ -11,7 +11,9 @@
  * Each weight is rebuilt in float32 exactly as the dequantiser does (d * code + m: the product is exact, so the
  * one rounding is the same), then multiplied and summed in float32: 32 running sums per x row, one per position
  * in the block, which the compiler keeps in SIMD registers; only the order of the additions differs from a GEMM.
- * Rows of W are independent: OpenMP splits them among `n_threads` (the runtime PyTorch itself loaded).
+ * Rows of W are independent: OpenMP splits them among `n_threads`. PyTorch's Linux wheels bundle libgomp.so.1, the
+ * soname a gcc build links to, so the loader hands this library the runtime PyTorch already runs (one thread pool);
+ * a PyTorch on another OpenMP runtime (Intel's, LLVM's) would leave two pools side by side.
  */
 #include <stdint.h>
 

@@ -17,12 +17,18 @@ x @ W.T on the dequantised W only in the order of the additions, as any two GEMM
     Q4_1   W = d * code + m
     Q8_0   W = d * code           code -128..127
 
-Other GGUF types (k-quants, F16, ...) load as float32 only. The blocks are only used while they still are the
-layer's weight: `matches` checks that it is the same tensor, unchanged since (a LoRA merge, an optimiser step or
-load_state_dict bumps its version counter; `.to()` or `p.data = ...` gives it new memory).
+Other GGUF types (k-quants, F16, ...) load as float32 only. The blocks cost memory (111 MB beside SmolLM2's 538 MB of
+float32 weights) and are only used while they still are the layer's weight: `matches` checks that it is the same
+tensor, of the same version (in-place ops through autograd bump it: a LoRA merge, load_state_dict, PyTorch's
+default optimisers) at the same address, and `Linear._apply` drops them when `.to()`, `.half()`, ... touch the
+layer. What no check sees is a write that bypasses the version counter: `w.data.add_(...)`, a write through
+`w.numpy()`, CPU optimisers with `fused=True`. Code that changes weights that way (full fine-tuning, say) should
+call `model.loading.drop_gguf_blocks(model)` first, or load with `gguf_blocks=False`. Our own training
+(train.py, klej) loads without blocks.
 
 The kernel is ~150 lines of C (gguf_blocks.c: AVX-512, AVX2 or plain C, OpenMP over the rows of W), compiled once
-with the system's C compiler (`$CC`, default `cc`) into the cache folder and called through ctypes. Without a
+with the system's C compiler (`$CC`, default `cc`) into the cache folder (`<cache>/kernels/`) and called through
+ctypes. Without a
 compiler, or with MINICURIE_KERNELS=reference, every product runs on the float32 weight as before.
 `reference_matmul` below is the PyTorch reference the tests compare it with.
 """
@@ -35,6 +41,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from model.kernels._switch import current_mode
+from model.kernels.matmul import plain
 
 QK = 32          # values per block
 MAX_ROWS = 8     # rows of x the kernel takes per call (gguf_blocks.c's MAX_X); more rows go to oneDNN's GEMM
@@ -57,8 +65,8 @@ class Blocks:
     codes: torch.Tensor       # uint8 [n_out, k/2] (4-bit, two codes a byte) or int8 [n_out, k] (8-bit)
     d: torch.Tensor           # float32 [n_out, k/32]
     m: torch.Tensor | None    # float32 [n_out, k/32] (4-bit only)
-    weight: torch.Tensor | None = None   # the layer's float32 weight these blocks equal (set by `attach`)
-    version: int = -1
+    weight: weakref.ref | None = None    # the layer's float32 weight these blocks equal (set by `attach`); weak,
+    version: int = -1                    # so that a replaced weight is freed
     data_ptr: int = 0
 
     @property
@@ -72,13 +80,14 @@ class Blocks:
         """Record which tensor (and which state of it) these blocks stand for."""
         if tuple(weight.shape) != self.shape:
             raise ValueError(f"blocks of shape {self.shape} cannot stand for a weight of shape {tuple(weight.shape)}")
-        self.weight, self.version, self.data_ptr = weight, weight._version, weight.data_ptr()
+        self.weight, self.version, self.data_ptr = weakref.ref(weight), weight._version, weight.data_ptr()
         return self
 
     def matches(self, weight: torch.Tensor) -> bool:
-        """Are these blocks still `weight`: the same tensor, same memory, not written to since `attach`?"""
-        return (weight is self.weight and weight._version == self.version and weight.data_ptr() == self.data_ptr
-                and weight.dtype == torch.float32 and weight.device.type == "cpu")
+        """Are these blocks still `weight`: the same tensor, same memory, no in-place op since `attach`?"""
+        return (self.weight is not None and weight is self.weight() and weight._version == self.version
+                and weight.data_ptr() == self.data_ptr and weight.dtype == torch.float32
+                and weight.device.type == "cpu")
 
 
 def pack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> Blocks:
@@ -143,20 +152,32 @@ def compile_library(flags: list[str], target: Path) -> str | None:
     """Compile gguf_blocks.c with `flags` into `target` (atomically: temp file + rename). -> None, or the error."""
     cc = os.environ.get("CC", "cc")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix="gguf_blocks-building-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         run = subprocess.run([cc, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", tmp],
                              capture_output=True, text=True, timeout=120)
         if run.returncode:
             return f"{cc} {' '.join(flags)}: {run.stderr.strip()[-300:]}"
-        os.replace(tmp, target)   # another process sees no library or a whole one
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)   # mkstemp made it private; a shared cache folder needs it readable
+        os.replace(tmp, target)          # another process sees no library or a whole one
         return None
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{cc} {' '.join(flags)}: {e}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _compiler_version() -> str:
+    cc = os.environ.get("CC", "cc")
+    try:
+        run = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        return cc + " " + (run.stdout.splitlines() or [""])[0]
+    except (OSError, subprocess.TimeoutExpired):
+        return cc
 
 
 def open_library(path: Path) -> ctypes.CDLL:
@@ -173,19 +194,25 @@ BUILD_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"
 
 
 def _build() -> ctypes.CDLL:
-    """Compile gguf_blocks.c into the cache folder (once per source, compiler, flags and CPU) and load it."""
+    """Compile gguf_blocks.c into the cache folder (once per source, compiler, flags and CPU) and load it. A cached
+    library that does not load (truncated, another CPU's) is built again."""
     from model.sources import cache_dir
-    source = _SOURCE.read_bytes()
+    source, compiler = _SOURCE.read_bytes(), _compiler_version()
     errors = []
     for flags in BUILD_FLAGS:
-        key = hashlib.sha256(source + " ".join([os.environ.get("CC", "cc"), *flags, _cpu_signature()]).encode())
+        key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_signature()]).encode())
         target = cache_dir() / "kernels" / f"gguf_blocks-{key.hexdigest()[:16]}.so"
-        if not target.exists():
-            error = compile_library(flags, target)
-            if error:
-                errors.append(error)
-                continue
-        return open_library(target)
+        for attempt in ("cached", "rebuilt"):
+            if attempt == "rebuilt" or not target.exists():
+                error = compile_library(flags, target)
+                if error:
+                    errors.append(error)
+                    break
+            try:
+                return open_library(target)
+            except OSError as e:
+                if attempt == "rebuilt":
+                    errors.append(f"{target}: {e}")
     raise RuntimeError("; ".join(errors))
 
 
@@ -203,11 +230,13 @@ def library() -> ctypes.CDLL | None:
 
 
 def applies(x: torch.Tensor, blocks: Blocks | None, weight: torch.Tensor) -> bool:
-    """Does y = x @ weight.T go to the block kernel? Small float32 CPU products outside autograd and autocast."""
+    """Does y = x @ weight.T go to the block kernel? Small float32 CPU products outside autograd and autocast (and
+    outside torch.func transforms and forward-mode AD, whose wrapped tensors a C function cannot see through)."""
     return (blocks is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-            and 0 < x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
+            and x.dim() > 0 and x.shape[-1] == blocks.shape[1] and 0 < x.numel() // x.shape[-1] <= MAX_ROWS
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.is_autocast_enabled("cpu") and current_mode() != "reference"
+            and plain(x)
             and blocks.matches(weight) and library() is not None)
 
 
@@ -215,7 +244,7 @@ def matmul(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
     """x [..., k] (at most MAX_ROWS rows) @ W.T -> float32 [..., n_out], from the blocks."""
     n_out, k = blocks.shape
     x2 = x.reshape(-1, k).contiguous()
-    y = torch.empty(x2.shape[0], n_out)
+    y = torch.empty(x2.shape[0], n_out, dtype=torch.float32, device="cpu")   # not the default dtype / device
     lib, p = library(), ctypes.c_void_p
     if blocks.bits == 4:
         rc = lib.gguf_blocks_matmul_q4(p(blocks.codes.data_ptr()), p(blocks.d.data_ptr()), p(blocks.m.data_ptr()),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from model.kernels._switch import current_mode
 
@@ -51,10 +52,21 @@ _LINEAR_POINTWISE = _find_op()
 
 def use_onednn(*tensors: torch.Tensor | None) -> bool:
     """Do these tensors take the oneDNN path? float32 CPU tensors outside autocast, unless the switch says
-    'reference'."""
+    'reference'. (Callers also send mismatched shapes to F.linear, whose error names them; oneDNN's does not.)"""
     if _LINEAR_POINTWISE is None or current_mode() == "reference" or torch.is_autocast_enabled("cpu"):
         return False
-    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and plain(t)) for t in tensors)
+
+
+def plain(t: torch.Tensor) -> bool:
+    """Not a torch.func wrapper (vmap, jvp, grad) and no forward-mode tangent: the raw ops below (and the C kernel
+    of gguf_blocks.py) have no rules for those; F.linear has."""
+    return not torch._C._functorch.is_functorch_wrapped_tensor(t) and forward_ad.unpack_dual(t).tangent is None
+
+
+def _fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a [..., k] against b [n, k]."""
+    return a.dim() >= 1 and b.dim() == 2 and a.shape[-1] == b.shape[-1]
 
 
 def _onednn_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,7 +83,7 @@ def _onednn_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = Non
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [..., k] @ b.T for b [n, k] -> [..., n], no autograd: oneDNN where `use_onednn` says so, else F.linear.
     Either argument may be a transposed view."""
-    if use_onednn(a, b):
+    if use_onednn(a, b) and _fits(a, b):
         return _onednn_mm(a, b)
     return F.linear(a, b)
 
@@ -105,7 +117,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias): x [..., in], weight [out, in], bias [out] -> [..., out]."""
-    if not use_onednn(x, weight, bias):
+    if not (use_onednn(x, weight, bias) and _fits(x, weight)):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
