@@ -33,7 +33,8 @@ class Linear(nn.Linear):
     gguf_blocks: block_kernel.Blocks | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gguf_blocks is not None and block_kernel.applies(x, self.gguf_blocks, self.weight):
+        if self.gguf_blocks is not None and self.bias is None and block_kernel.applies(x, self.gguf_blocks,
+                                                                                        self.weight):
             return block_kernel.matmul(x, self.gguf_blocks)
         return kernels.linear(x, self.weight, self.bias)
 

@@ -6,7 +6,7 @@ about 26 ms on one core of our test machine even in oneDNN. The GGUF it came fro
 32-value blocks of 4 or 8 bits plus fp16 scales (Q4_1: 5 bits a weight), and rebuilding a weight from its block
 costs less than reading its float32 copy. So a linear layer loaded from such a block keeps the blocks beside its
 float32 weight, and a product with at most `MAX_ROWS` rows of x (a decode or speculative step) reads them instead:
-all of SmolLM2's products then take 6 ms a token instead of 26 (`python bench/generate.py`, docs/benchmarks.md).
+all of SmolLM2's products then take 7 ms a token instead of 26 (`python bench/linear.py`, docs/benchmarks.md).
 
 Same arithmetic. Each weight is rebuilt in float32 exactly as the dequantiser builds it (d * code + m: the product
 is exact, so the single rounding is the same), then multiplied and summed in float32. The result differs from
@@ -28,8 +28,7 @@ call `model.loading.drop_gguf_blocks(model)` first, or load with `gguf_blocks=Fa
 
 The kernel is ~150 lines of C (gguf_blocks.c: AVX-512, AVX2 or plain C, OpenMP over the rows of W), compiled once
 with the system's C compiler (`$CC`, default `cc`) into the cache folder (`<cache>/kernels/`) and called through
-ctypes. Without a
-compiler, or with MINICURIE_KERNELS=reference, every product runs on the float32 weight as before.
+ctypes. Without a compiler, or with MINICURIE_KERNELS=reference, every product runs on the float32 weight as before.
 `reference_matmul` below is the PyTorch reference the tests compare it with.
 """
 from __future__ import annotations
