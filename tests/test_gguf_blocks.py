@@ -233,28 +233,78 @@ def test_kernel_output_is_float32_whatever_the_default_dtype():
     torch.testing.assert_close(y, expected)
 
 
-@needs_cc
-def test_moving_or_replacing_the_weight_drops_the_blocks(tmp_path):
-    model, _ = load(quantised_gguf(tmp_path / "tiny.gguf", tied=True), require_tokenizer=False)
+def blocks_in(model) -> int:
+    return sum(getattr(m, "gguf_blocks", None) is not None for m in model.modules())
 
-    def kept() -> int:
-        return sum(getattr(m, "gguf_blocks", None) is not None for m in model.modules())
-    assert kept() == 7 * model.args.n_layers + 1
+
+@needs_cc
+def test_moving_replacing_or_writing_the_weight_drops_the_blocks(tmp_path):
+    model, _ = load(quantised_gguf(tmp_path / "tiny.gguf", tied=True), require_tokenizer=False)
+    all_layers = 7 * model.args.n_layers + 1
+    assert blocks_in(model) == all_layers
     model.float()                       # already float32: nothing changes, the blocks stay
-    assert kept() == 7 * model.args.n_layers + 1
+    assert blocks_in(model) == all_layers
     layer = model.layers[0].attention.wq
     old = layer.weight
-    layer.weight = torch.nn.Parameter(old.detach().clone())    # a new tensor: the blocks no longer apply
-    assert not layer.gguf_blocks.matches(layer.weight)
+    layer.weight = torch.nn.Parameter(old.detach().clone())    # a new tensor: its blocks go, and free the old one
+    assert layer.gguf_blocks is None
     ref = weakref.ref(old)
     del old
     gc.collect()
-    assert ref() is None               # and they do not keep the old weight alive
+    assert ref() is None
+    # Written in place (a copying load_state_dict): the next product takes the weight, and the blocks are freed.
+    other = model.layers[1].feed_forward.w2
+    with torch.no_grad():
+        other.load_state_dict({"weight": other.weight * 2})
+        x = torch.randn(1, other.in_features)
+        torch.testing.assert_close(other(x), x @ other.weight.T)
+    assert other.gguf_blocks is None
     model.half().float()               # the values are rounded; the memory may even be reused: blocks dropped
-    assert kept() == 0
+    assert blocks_in(model) == 0
     model2, _ = load(quantised_gguf(tmp_path / "tiny2.gguf", tied=False), require_tokenizer=False)
     drop_gguf_blocks(model2)
-    assert not any(getattr(m, "gguf_blocks", None) is not None for m in model2.modules())
+    assert blocks_in(model2) == 0
+
+
+@needs_cc
+def test_copies_and_saved_models_keep_working_blocks(tmp_path, monkeypatch):
+    import copy
+    import pickle
+    model, _ = load(quantised_gguf(tmp_path / "tiny.gguf", tied=True), require_tokenizer=False)
+    tokens = torch.randint(0, 256, (1, 1))
+    with torch.no_grad():
+        expected = model(tokens)
+    torch.save(model, tmp_path / "whole.pt")
+    copies = {"deepcopy": copy.deepcopy(model), "pickle": pickle.loads(pickle.dumps(model)),
+              "torch.save": torch.load(tmp_path / "whole.pt", weights_only=False)}   # our own file, in a test
+    calls = []
+    real = gguf_blocks.matmul
+    monkeypatch.setattr(gguf_blocks, "matmul", lambda x, b: calls.append(1) or real(x, b))
+    for name, twin in copies.items():
+        calls.clear()
+        for module in twin.modules():   # each copy's blocks stand for the copy's own weights
+            if getattr(module, "gguf_blocks", None) is not None:
+                assert module.gguf_blocks.weight is module.weight, name
+        with torch.no_grad():
+            torch.testing.assert_close(twin(tokens), expected, rtol=1e-6, atol=1e-6)
+        assert len(calls) == 7 * model.args.n_layers + 1, name
+
+
+@needs_cc
+def test_swapping_parameters_on_conversion_still_works(tmp_path):
+    model, _ = load(quantised_gguf(tmp_path / "tiny.gguf", tied=False), require_tokenizer=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.load_state_dict(state)
+        model.to(torch.float32)
+        model.load_state_dict(state, assign=True)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    tokens = torch.randint(0, 256, (1, 3))
+    dense, _ = load(quantised_gguf(tmp_path / "tiny.gguf", tied=False), require_tokenizer=False, gguf_blocks=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), dense(tokens), rtol=1e-5, atol=1e-5)
 
 
 @needs_cc

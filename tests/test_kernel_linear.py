@@ -145,3 +145,27 @@ def test_the_decoder_and_lora_route_their_products_through_it(monkeypatch):
     assert n_forward == (7 + 2 * 2) * args.n_layers + 2
     loss.backward()
     assert len(calls) > 2 * n_forward                       # input gradients, adapter gradients, head gradient
+
+
+def test_mismatched_shapes_get_f_linears_error():
+    x, w = fresh(3, 16, seed=1), fresh(8, 16, seed=2)
+    for args in ((x[:, :15], w, None), (x, w, fresh(5, seed=3))):
+        with pytest.raises(RuntimeError) as ours:
+            linear(*args)
+        with pytest.raises(RuntimeError) as theirs:
+            F.linear(*args)
+        assert str(ours.value) == str(theirs.value)     # not oneDNN's "could not create a primitive descriptor"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")   # inside torch.func, torch.compile
+def test_torch_func_forward_ad_and_torch_compile_take_f_linear():
+    from torch.autograd import forward_ad
+    x, w, b, t = fresh(3, 16, seed=4), fresh(8, 16, seed=5), fresh(8, seed=6), fresh(3, 16, seed=7)
+    with forward_ad.dual_level():   # the raw oneDNN op has no forward-mode formula: the tangent would be lost
+        tangent = forward_ad.unpack_dual(linear(forward_ad.make_dual(x, t), w, b)).tangent
+    torch.testing.assert_close(tangent, t @ w.T)
+    torch.testing.assert_close(torch.func.jvp(lambda v: linear(v, w, b), (x,), (t,))[1], t @ w.T)
+    torch.testing.assert_close(torch.func.vmap(lambda v: linear(v, w, b))(x), F.linear(x, w, b))
+    # Inductor has no lowering for the raw op: under torch.compile the product is F.linear's.
+    compiled = torch.compile(lambda v: linear(v, w, b))
+    torch.testing.assert_close(compiled(x), F.linear(x, w, b))

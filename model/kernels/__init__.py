@@ -29,13 +29,13 @@ from model.kernels.cross_entropy import compute_dtype, linear_cross_entropy_fuse
 from model.kernels.flash_attention import attention_reference, causal_window_mask
 from model.kernels.flash_attention import flash_attention as flash_attention_triton
 from model.kernels.flash_attention import supports as flash_attention_supports
-from model.kernels.matmul import linear, matmul_nt
+from model.kernels.matmul import eager_only, linear, matmul_nt
 from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
 from model.kernels.rope import apply_rope_reference, apply_rope_triton
 from model.kernels.swiglu import swiglu_recompute, swiglu_triton
 
 __all__ = ["rms_norm", "apply_rope", "swiglu", "attention", "linear", "matmul_nt", "linear_cross_entropy",
-           "compute_dtype", "causal_window_mask", "attention_reference", "use_kernels"]
+           "compute_dtype", "causal_window_mask", "attention_reference", "use_kernels", "eager_only"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

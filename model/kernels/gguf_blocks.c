@@ -1,5 +1,5 @@
-/* y = x @ W.T with W kept in GGUF's 32-value blocks: the float32 products of a decode step, reading 4.5-8.5 bits
- * per weight instead of 32. Built and loaded by gguf_blocks.py (plain C, no Python or torch headers); the PyTorch
+/* y = x @ W.T with W kept in GGUF's 32-value blocks: the float32 products of a decode step, reading 6 bits per
+ * weight (4-bit codes and two float32 numbers a block) or 9 (8-bit codes and one) instead of 32. Built and loaded by gguf_blocks.py (plain C, no Python or torch headers); the PyTorch
  * reference it is tested against is `gguf_blocks.reference_matmul`.
  *
  * Layout (gguf_blocks.py packs it from the file's blocks; block b of row n holds W[n, 32b .. 32b+31]):

@@ -20,11 +20,12 @@ x @ W.T on the dequantised W only in the order of the additions, as any two GEMM
 Other GGUF types (k-quants, F16, ...) load as float32 only. The blocks cost memory (111 MB beside SmolLM2's 538 MB of
 float32 weights) and are only used while they still are the layer's weight: `matches` checks that it is the same
 tensor, of the same version (in-place ops through autograd bump it: a LoRA merge, load_state_dict, PyTorch's
-default optimisers) at the same address, and `Linear._apply` drops them when `.to()`, `.half()`, ... touch the
-layer. What no check sees is a write that bypasses the version counter: `w.data.add_(...)`, a write through
-`w.numpy()`, CPU optimisers with `fused=True`. Code that changes weights that way (full fine-tuning, say) should
-call `model.loading.drop_gguf_blocks(model)` first, or load with `gguf_blocks=False`. Our own training
-(train.py, klej) loads without blocks.
+default optimisers) at the same address. `Linear` frees blocks that no longer match: on the next product, when
+its weight is replaced, and when `.to()`, `.half()`, ... touch it; a copy (deepcopy, pickle, torch.save of a whole
+model) keeps blocks that stand for the copy's weights. What no check sees is a write that bypasses the version
+counter: `w.data.add_(...)`, a write through `w.numpy()`, CPU optimisers with `fused=True`. Code that changes
+weights that way (full fine-tuning, say) should call `model.loading.drop_gguf_blocks(model)` first, or load with
+`gguf_blocks=False`. Our own training (train.py, klej) loads without blocks.
 
 The kernel is ~150 lines of C (gguf_blocks.c: AVX-512, AVX2 or plain C, OpenMP over the rows of W), compiled once
 with the system's C compiler (`$CC`, default `cc`) into the cache folder (`<cache>/kernels/`) and called through
@@ -38,9 +39,9 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import shlex
 import threading
 import warnings
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from model.kernels._switch import current_mode
-from model.kernels.matmul import plain
+from model.kernels.matmul import eager_only
 
 QK = 32          # values per block
 MAX_ROWS = 8     # rows of x the kernel takes per call (gguf_blocks.c's MAX_X); more rows go to oneDNN's GEMM
@@ -64,9 +65,22 @@ class Blocks:
     codes: torch.Tensor       # uint8 [n_out, k/2] (4-bit, two codes a byte) or int8 [n_out, k] (8-bit)
     d: torch.Tensor           # float32 [n_out, k/32]
     m: torch.Tensor | None    # float32 [n_out, k/32] (4-bit only)
-    weight: weakref.ref | None = None    # the layer's float32 weight these blocks equal (set by `attach`); weak,
-    version: int = -1                    # so that a replaced weight is freed
+    weight: torch.Tensor | None = None   # the layer's float32 weight these blocks equal (set by `attach`)
+    version: int = -1
     data_ptr: int = 0
+
+    def __getstate__(self) -> dict:
+        # pickle, deepcopy, torch.save of a whole model: the copy's weight is a new tensor (new memory, version 0);
+        # the blocks stand for it if they stood for the original.
+        return {**self.__dict__, "still_the_weight": self.weight is not None and self.matches(self.weight)}
+
+    def __setstate__(self, state: dict) -> None:
+        valid = state.pop("still_the_weight", False)
+        self.__dict__.update(state)
+        if valid:
+            self.attach(self.weight)
+        else:
+            self.weight = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -79,14 +93,13 @@ class Blocks:
         """Record which tensor (and which state of it) these blocks stand for."""
         if tuple(weight.shape) != self.shape:
             raise ValueError(f"blocks of shape {self.shape} cannot stand for a weight of shape {tuple(weight.shape)}")
-        self.weight, self.version, self.data_ptr = weakref.ref(weight), weight._version, weight.data_ptr()
+        self.weight, self.version, self.data_ptr = weight, weight._version, weight.data_ptr()
         return self
 
     def matches(self, weight: torch.Tensor) -> bool:
         """Are these blocks still `weight`: the same tensor, same memory, no in-place op since `attach`?"""
-        return (self.weight is not None and weight is self.weight() and weight._version == self.version
-                and weight.data_ptr() == self.data_ptr and weight.dtype == torch.float32
-                and weight.device.type == "cpu")
+        return (weight is self.weight and weight._version == self.version and weight.data_ptr() == self.data_ptr
+                and weight.dtype == torch.float32 and weight.device.type == "cpu")
 
 
 def pack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> Blocks:
@@ -149,31 +162,40 @@ def _cpu_signature() -> str:
 
 def compile_library(flags: list[str], target: Path) -> str | None:
     """Compile gguf_blocks.c with `flags` into `target` (atomically: temp file + rename). -> None, or the error."""
-    cc = os.environ.get("CC", "cc")
+    cc = shlex.split(os.environ.get("CC") or "cc")   # e.g. CC="ccache gcc"
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="gguf_blocks-building-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        run = subprocess.run([cc, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", tmp],
+        run = subprocess.run([*cc, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", tmp],
                              capture_output=True, text=True, timeout=120)
         if run.returncode:
-            return f"{cc} {' '.join(flags)}: {run.stderr.strip()[-300:]}"
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o755 & ~umask)   # mkstemp made it private; a shared cache folder needs it readable
-        os.replace(tmp, target)          # another process sees no library or a whole one
+            return f"{' '.join(cc)} {' '.join(flags)}: {run.stderr.strip()[-300:]}"
+        os.chmod(tmp, 0o755 & ~_umask())   # mkstemp made it private; a shared cache folder needs it readable
+        os.replace(tmp, target)            # another process sees no library or a whole one
         return None
     except (OSError, subprocess.TimeoutExpired) as e:
-        return f"{cc} {' '.join(flags)}: {e}"
+        return f"{' '.join(cc)} {' '.join(flags)}: {e}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _compiler_version() -> str:
-    cc = os.environ.get("CC", "cc")
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for every thread for a moment)."""
     try:
-        run = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def _compiler_version() -> str:
+    cc = os.environ.get("CC") or "cc"
+    try:
+        run = subprocess.run([*shlex.split(cc), "--version"], capture_output=True, text=True, timeout=30)
         return cc + " " + (run.stdout.splitlines() or [""])[0]
     except (OSError, subprocess.TimeoutExpired):
         return cc
@@ -194,7 +216,8 @@ BUILD_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"
 
 def _build() -> ctypes.CDLL:
     """Compile gguf_blocks.c into the cache folder (once per source, compiler, flags and CPU) and load it. A cached
-    library that does not load (truncated, another CPU's) is built again."""
+    library that does not load (truncated, say) is built again. (Another CPU's library would load and then crash:
+    the CPU's flags in the cache key keep machines that share a cache folder apart.)"""
     from model.sources import cache_dir
     source, compiler = _SOURCE.read_bytes(), _compiler_version()
     errors = []
@@ -235,7 +258,7 @@ def applies(x: torch.Tensor, blocks: Blocks | None, weight: torch.Tensor) -> boo
             and x.dim() > 0 and x.shape[-1] == blocks.shape[1] and 0 < x.numel() // x.shape[-1] <= MAX_ROWS
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.is_autocast_enabled("cpu") and current_mode() != "reference"
-            and plain(x)
+            and eager_only()
             and blocks.matches(weight) and library() is not None)
 
 

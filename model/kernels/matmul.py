@@ -53,20 +53,24 @@ _LINEAR_POINTWISE = _find_op()
 def use_onednn(*tensors: torch.Tensor | None) -> bool:
     """Do these tensors take the oneDNN path? float32 CPU tensors outside autocast, unless the switch says
     'reference'. (Callers also send mismatched shapes to F.linear, whose error names them; oneDNN's does not.)"""
-    if _LINEAR_POINTWISE is None or current_mode() == "reference" or torch.is_autocast_enabled("cpu"):
+    if _LINEAR_POINTWISE is None or current_mode() == "reference" or torch.is_autocast_enabled("cpu") \
+            or not eager_only():
         return False
-    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and plain(t)) for t in tensors)
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
 
 
-def plain(t: torch.Tensor) -> bool:
-    """Not a torch.func wrapper (vmap, jvp, grad) and no forward-mode tangent: the raw ops below (and the C kernel
-    of gguf_blocks.py) have no rules for those; F.linear has."""
-    return not torch._C._functorch.is_functorch_wrapped_tensor(t) and forward_ad.unpack_dual(t).tangent is None
+def eager_only() -> bool:
+    """No torch.func transform (vmap, jvp, grad), forward-mode AD level or torch.compile trace is active: the raw
+    ops below (and the C kernel of gguf_blocks.py) have no rules for those, F.linear has. One global check per
+    call (~0.1 us), not one per tensor."""
+    return (not torch._C._are_functorch_transforms_active() and forward_ad._current_level < 0
+            and not torch.compiler.is_compiling())
 
 
-def _fits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """a [..., k] against b [n, k]."""
-    return a.dim() >= 1 and b.dim() == 2 and a.shape[-1] == b.shape[-1]
+def _fits(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """a [..., k] against b [n, k] (and bias [n]): else F.linear, whose error names the shapes."""
+    return (a.dim() >= 1 and b.dim() == 2 and a.shape[-1] == b.shape[-1]
+            and (bias is None or (bias.dim() == 1 and bias.shape[0] == b.shape[0])))
 
 
 def _onednn_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,7 +121,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias): x [..., in], weight [out, in], bias [out] -> [..., out]."""
-    if not (use_onednn(x, weight, bias) and _fits(x, weight)):
+    if not (use_onednn(x, weight, bias) and _fits(x, weight, bias)):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
