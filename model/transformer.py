@@ -36,7 +36,7 @@ class Linear(nn.Linear):
         if self.gguf_blocks is not None and self.bias is None and kernels.eager_only():
             if not self.gguf_blocks.matches(self.weight):
                 self.gguf_blocks = None   # the weight was written to since (a merge, load_state_dict): free them
-            elif block_kernel.applies(x, self.gguf_blocks, self.weight):
+            elif block_kernel.takes(x, self.weight, self.in_features):   # (block_kernel.applies, less what's done)
                 return block_kernel.matmul(x, self.gguf_blocks)
         return kernels.linear(x, self.weight, self.bias)
 

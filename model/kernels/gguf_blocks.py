@@ -241,25 +241,32 @@ def _build() -> ctypes.CDLL:
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot be built (said once, as a warning)."""
     global _lib, _lib_tried
+    if _lib_tried:   # every product asks: no lock once it is settled
+        return _lib
     with _lib_lock:
         if not _lib_tried:
-            _lib_tried = True
             try:
                 _lib = _build()
             except Exception as e:   # no compiler, read-only cache, ...: products run on the float32 weights
                 warnings.warn(f"GGUF block kernel unavailable, decoding from float32 weights instead ({e})")
+            _lib_tried = True
     return _lib
 
 
 def applies(x: torch.Tensor, blocks: Blocks | None, weight: torch.Tensor) -> bool:
-    """Does y = x @ weight.T go to the block kernel? Small float32 CPU products outside autograd and autocast (and
-    outside torch.func transforms and forward-mode AD, whose wrapped tensors a C function cannot see through)."""
-    return (blocks is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-            and x.dim() > 0 and x.shape[-1] == blocks.shape[1] and 0 < x.numel() // x.shape[-1] <= MAX_ROWS
+    """Does y = x @ weight.T go to the block kernel? While the blocks are `weight`, for small float32 CPU products
+    outside autograd and autocast (and outside torch.func transforms, forward-mode AD and torch.compile traces,
+    whose tensors a C function cannot see through)."""
+    return (blocks is not None and eager_only() and blocks.matches(weight)
+            and takes(x, weight, blocks.d.shape[1] * QK))
+
+
+def takes(x: torch.Tensor, weight: torch.Tensor, k: int) -> bool:
+    """`applies` without the blocks' and eager-mode checks (Linear.forward makes those first)."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() > 0 and x.shape[-1] == k
+            and 0 < x.numel() // k <= MAX_ROWS
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.is_autocast_enabled("cpu") and current_mode() != "reference"
-            and eager_only()
-            and blocks.matches(weight) and library() is not None)
+            and not torch.is_autocast_enabled("cpu") and current_mode() != "reference" and library() is not None)
 
 
 def matmul(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
