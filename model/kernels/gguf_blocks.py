@@ -22,7 +22,8 @@ float32 weights) and are only used while they still are the layer's weight: `mat
 tensor, of the same version (in-place ops through autograd bump it: a LoRA merge, load_state_dict, PyTorch's
 default optimisers) at the same address. `Linear` frees blocks that no longer match: on the next product, when
 its weight is replaced, and when `.to()`, `.half()`, ... touch it; a copy (deepcopy, pickle, torch.save of a whole
-model) keeps blocks that stand for the copy's weights. What no check sees is a write that bypasses the version
+model) keeps blocks that stand for the copy's weights, while a model sent to another process (weights moved to
+shared memory) falls back to its float32 weights. What no check sees is a write that bypasses the version
 counter: `w.data.add_(...)`, a write through `w.numpy()`, CPU optimisers with `fused=True`. Code that changes
 weights that way (full fine-tuning, say) should call `model.loading.drop_gguf_blocks(model)` first, or load with
 `gguf_blocks=False`. Our own training (train.py, klej) loads without blocks.
