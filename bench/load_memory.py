@@ -17,6 +17,10 @@ require_tokenizer=False)`, then reads every weight once (a sum per tensor, which
 of a bf16 file is a view into the memory-mapped file, so its pages become resident only when first read; the
 second reading is what a first forward pass would cost. Reported: VmHWM minus the baseline after load() and after
 that first read, against the model's bytes in bf16.
+
+A second table loads a real GGUF the same way (SmolLM2-135M-Instruct, Q4_1 + Q8_0 blocks, dequantised to float32),
+with and without the blocks that `load` keeps for decoding (`gguf_blocks`); its peak is set against the float32
+weights, and against the weights plus the kept blocks (what the model then holds for good).
 """
 from __future__ import annotations
 
@@ -99,12 +103,12 @@ def write_mistral(args: ModelArgs, folder: Path, dtype: torch.dtype) -> None:
 
 # ------------------------------------------------------------------------------------------------ the child
 
-def child(folder: Path) -> None:
-    """Load `folder` in bf16 in this fresh process and report its memory to the parent."""
+def child(folder: Path, dtype: torch.dtype = TARGET_DTYPE, gguf_blocks: bool = True) -> None:
+    """Load `folder` (or a .gguf) in `dtype` in this fresh process and report its memory to the parent."""
     from model.loading import load
     baseline = reset_peak_rss()
     start = time.perf_counter()
-    model, _ = load(folder, dtype=TARGET_DTYPE, require_tokenizer=False)
+    model, _ = load(folder, dtype=dtype, require_tokenizer=False, gguf_blocks=gguf_blocks)
     seconds = time.perf_counter() - start
     peak_load = peak_rss()
     # Distinct tensors only (a tied head would be counted twice); a sum reads every page and copies nothing.
@@ -114,6 +118,8 @@ def child(folder: Path) -> None:
             t.sum()
     report_to_parent({"baseline": baseline, "peak_load": peak_load, "peak_read": peak_rss(), "seconds": seconds,
                       "model_bytes": sum(t.nbytes for t in tensors.values()),
+                      "blocks_bytes": sum(m.gguf_blocks.nbytes() for m in model.modules()
+                                          if getattr(m, "gguf_blocks", None) is not None),
                       "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})})
 
 
@@ -125,9 +131,13 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=None,
                    help="where to write the checkpoints (default: a temporary folder, deleted afterwards)")
     p.add_argument("--child", type=Path, metavar="FOLDER", help=argparse.SUPPRESS)
+    p.add_argument("--child-gguf-blocks", type=int, choices=(0, 1), default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        child(a.child)
+        if a.child_gguf_blocks is None:
+            child(a.child)
+        else:
+            child(a.child, torch.float32, bool(a.child_gguf_blocks))
         return
 
     args = QUICK if a.quick else FULL
@@ -158,7 +168,29 @@ def main() -> None:
     print(markdown_table(["checkpoint", "file -> model dtype", "files MB", "model MB", "child baseline MB",
                           "peak above baseline, load() MB", "peak above baseline, + first read MB",
                           "peak / model", "target", "verdict", "load() s"], rows))
+    if not a.quick:
+        gguf_table()
     print(f"\nload average at the end: {load_average()}")
+
+
+def gguf_table() -> None:
+    """The real SmolLM2 GGUF into float32, without and with the kept blocks."""
+    from model.sources import resolve
+    path = resolve("smollm2-135m")
+    rows = []
+    for blocks in (0, 1):
+        r = run_child(Path(__file__), ["--child", str(path), "--child-gguf-blocks", str(blocks)], timeout=900)
+        peak = r["peak_read"] - r["baseline"]
+        held = r["model_bytes"] + r["blocks_bytes"]
+        rows.append([f"{path.name}, blocks {'kept' if blocks else 'not kept'}", f"{path.stat().st_size / MB:.0f}",
+                     f"{r['model_bytes'] / MB:.0f}", f"{r['blocks_bytes'] / MB:.0f}",
+                     f"{(r['peak_load'] - r['baseline']) / MB:.0f}", f"{peak / MB:.0f}",
+                     f"{peak / r['model_bytes']:.2f}x", f"{peak / held:.2f}x", f"<= {TARGET}x",
+                     verdict(peak / held, TARGET, higher_is_better=False), f"{r['seconds']:.1f}"])
+    print()
+    print(markdown_table(["GGUF -> float32", "file MB", "float32 weights MB", "kept blocks MB",
+                          "peak above baseline, load() MB", "+ first read MB", "peak / weights",
+                          "peak / (weights + blocks)", "target", "verdict", "load() s"], rows))
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ def _bits(x: torch.Tensor, width: int, count: int) -> torch.Tensor:
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
     # block_q4_0: d:f16, qs:u8[16]; value l is the low nibble of qs[l] (l < 16) or the high one of qs[l-16].
     n = b.shape[0]
-    q = _bits(b[:, 2:], 4, 2).reshape(n, 32).float() - 8
-    return _f16(b[:, :2]) * q
+    q = _bits(b[:, 2:], 4, 2).reshape(n, 32).float().sub_(8)
+    return q.mul_(_f16(b[:, :2]))   # in place: one float32 buffer of the tensor's size, not two
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,7 @@ def _q5_1(b: torch.Tensor) -> torch.Tensor:
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
     # block_q8_0: d:f16, qs:i8[32].
-    return b[:, 2:].view(torch.int8).float() * _f16(b[:, :2])
+    return b[:, 2:].view(torch.int8).float().mul_(_f16(b[:, :2]))   # in place, as in _q4_1
 
 
 def _q2_k(b: torch.Tensor) -> torch.Tensor:
@@ -355,7 +355,18 @@ class GGUFFile:
         if name not in self.tensors:
             raise KeyError(f"{self.path}: no tensor {name!r}")
         t = self.tensors[name]
-        return torch.from_numpy(np.array(self._data[t.offset:t.offset + t.n_bytes]))
+        return torch.from_numpy(self._read(t))
+
+    def _read(self, t: GGUFTensor) -> np.ndarray:
+        """A tensor's bytes, read from the file into a new buffer (uint8 [n_bytes]). Not a slice of the memory map:
+        every mapped page read stays in the process's resident memory until the map is closed, so loading a whole
+        model through the map would hold the file in RAM (on top of the float32 weights) until the end."""
+        out = np.empty(t.n_bytes, dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(t.offset)
+            if f.readinto(memoryview(out)) != t.n_bytes:
+                raise ValueError(f"{self.path}: data of tensor {t.name!r} ends early (file changed while reading?)")
+        return out
 
     def load_tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantise one tensor into a new tensor of `dtype`, in PyTorch's shape (e.g. [rows, cols])."""
@@ -365,5 +376,5 @@ class GGUFFile:
         if t.ggml_type not in SUPPORTED_TYPES:
             raise ValueError(f"{self.path}: tensor {name!r} has ggml type {t.type_name} (id {t.ggml_type}), which "
                              f"we cannot dequantise")
-        raw = self._data[t.offset:t.offset + t.n_bytes]
+        raw = self._read(t)
         return dequantize(raw, t.ggml_type, t.n_elements).reshape(t.shape).to(dtype)
