@@ -351,7 +351,7 @@ class GGUFFile:
         return GGUFTensor(name, tuple(reversed(ne)), ggml_type, type_name, offset, n_bytes)
 
     def raw(self, name: str) -> torch.Tensor:
-        """One tensor's bytes as stored (its packed blocks), copied out of the mapped file: uint8 [n_bytes]."""
+        """One tensor's bytes as stored (its packed blocks), read into a new buffer: uint8 [n_bytes]."""
         if name not in self.tensors:
             raise KeyError(f"{self.path}: no tensor {name!r}")
         t = self.tensors[name]

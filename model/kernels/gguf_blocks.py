@@ -38,9 +38,9 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import subprocess
 import tempfile
-import shlex
 import threading
 import warnings
 from dataclasses import dataclass
@@ -49,12 +49,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from model.gguf import GGML_TYPES, _f16
 from model.kernels._switch import current_mode
 from model.kernels.matmul import eager_only
 
 QK = 32          # values per block
 MAX_ROWS = 8     # rows of x the kernel takes per call (gguf_blocks.c's MAX_X); more rows go to oneDNN's GEMM
-BLOCK_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}   # ggml type id -> name, the types kept as blocks
+BLOCK_TYPES = {t: GGML_TYPES[t][0] for t in (2, 3, 8)}   # ggml type id -> name (Q4_0, Q4_1, Q8_0): kept as blocks
 
 _SOURCE = Path(__file__).with_name("gguf_blocks.c")
 
@@ -110,19 +111,14 @@ def pack(raw: torch.Tensor, ggml_type: int, shape: tuple[int, int]) -> Blocks:
         raise ValueError(f"ggml type id {ggml_type} is not kept as blocks (only {', '.join(BLOCK_TYPES.values())})")
     if k % QK:
         raise ValueError(f"rows of {k} values are not whole blocks of {QK}")
-    name = BLOCK_TYPES[ggml_type]
-    type_size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[name]
+    name, _, type_size = GGML_TYPES[ggml_type]
     if raw.numel() != n_out * k // QK * type_size:
         raise ValueError(f"{name} {shape}: expected {n_out * k // QK * type_size} bytes, got {raw.numel()}")
     b = raw.reshape(n_out, k // QK, type_size)
-
-    def f16(lo: int) -> torch.Tensor:   # a little-endian fp16 field of every block -> float32 [n_out, k/32]
-        return b[..., lo:lo + 2].contiguous().view(torch.float16).squeeze(-1).float()
-
-    d = f16(0)
+    d = _f16(b[..., 0:2]).squeeze(-1)                                   # float32 [n_out, k/32]
     if name == "Q8_0":
         return Blocks(8, b[..., 2:].contiguous().view(torch.int8).reshape(n_out, k), d, None)
-    m = f16(2) if name == "Q4_1" else -8 * d
+    m = _f16(b[..., 2:4]).squeeze(-1) if name == "Q4_1" else -8 * d
     first = 4 if name == "Q4_1" else 2
     return Blocks(4, b[..., first:].contiguous().reshape(n_out, k // 2), d, m)
 
