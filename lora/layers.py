@@ -13,7 +13,8 @@ the same way as an nn.Linear). Only an nn.Linear base can be merged in place: W 
 Memory. The gradient of A needs the dropped-out input. nn.Dropout followed by a linear layer keeps two float copies
 of x for it (the dropout's noise and its output), per adapter: with Curie's seven adapters per block that is more
 than half of a LoRA step's activations. `_DropoutThenA` keeps x itself (q, k and v share one input, so they share
-one saved x, as do gate and up) and a one-byte keep-mask, and rebuilds the dropped-out input in the backward pass.
+one saved x, as do gate and up) and the 64-bit seed of its mask, and rebuilds the dropped-out input in the backward
+pass (model/kernels/dropout.py: the mask is a function of the seed, drawn and applied in one C pass on the CPU).
 The masks are independent per adapter, as with nn.Dropout; the arithmetic is the same. Likewise, under autocast
 a frozen float32 base keeps no bf16 copy of its weight for the backward (`frozen_linear`).
 """
@@ -25,6 +26,8 @@ import torch
 import torch.nn as nn
 
 from model.kernels import compute_dtype, linear, matmul_nt
+from model.kernels.dropout import draw_seed
+from model.kernels.dropout import dropout as seeded_dropout
 from model.kernels.nf4 import frozen_linear
 
 
@@ -143,45 +146,32 @@ class LoRALinear(nn.Module):
 
 
 class _DropoutThenA(torch.autograd.Function):
-    """u = dropout(x, p) @ A.T, keeping x and a bool keep-mask for the backward instead of two float copies.
+    """u = dropout(x, p) @ A.T, keeping x and the mask's seed for the backward instead of two float copies.
 
-        forward:   m ~ Bernoulli(1 - p) [..., in] (bool),  u = ((x * m) / (1 - p)) @ A.T       [..., r]
-        backward:  dA = du^T @ ((x * m) / (1 - p))     dx = ((du @ A) * m) / (1 - p)
+        forward:   s = a fresh seed, m = keep_mask(s) [..., in],  u = ((x * m) / (1 - p)) @ A.T       [..., r]
+        backward:  dA = du^T @ ((x * m) / (1 - p))     dx = ((du @ A) * m) / (1 - p)     (m rebuilt from s)
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
-        keep = dropout_keep_mask(x, p)
+        seed = draw_seed()
         with torch.autocast(x.device.type, enabled=False):   # the products run in `dtype`, chosen by the caller
-            u = matmul_nt(_apply_mask(x, keep, p, dtype), lora_A.to(dtype))
-        ctx.save_for_backward(x, keep, lora_A)
-        ctx.p, ctx.dtype = p, dtype
+            u = matmul_nt(seeded_dropout(x, seed, p, dtype), lora_A.to(dtype))
+        ctx.save_for_backward(x, lora_A)
+        ctx.p, ctx.dtype, ctx.seed = p, dtype, seed
         return u
 
     @staticmethod
     def backward(ctx, du: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, keep, lora_A = ctx.saved_tensors
+        x, lora_A = ctx.saved_tensors
         du = du.to(ctx.dtype)
         dx = dA = None
         if ctx.needs_input_grad[1]:
-            dropped = _apply_mask(x, keep, ctx.p, ctx.dtype)                                 # [..., in]
+            dropped = seeded_dropout(x, ctx.seed, ctx.p, ctx.dtype)                          # [..., in]
             dA = matmul_nt(du.flatten(0, -2).T, dropped.flatten(0, -2).T).to(lora_A.dtype)   # [r, in]
         if ctx.needs_input_grad[0]:
-            dx = _apply_mask(matmul_nt(du, lora_A.to(ctx.dtype).T), keep, ctx.p, x.dtype)   # [..., in]
+            dx = seeded_dropout(matmul_nt(du, lora_A.to(ctx.dtype).T), ctx.seed, ctx.p, x.dtype)   # [..., in]
         return dx, dA, None, None
-
-
-def dropout_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A bool mask shaped like x, each element True with probability 1 - p (uniform floats in [0, 1) below 1 - p).
-    On the CPU 1.6x faster than `bernoulli_` into a bool tensor: a SmolLM2 step draws 211 of them."""
-    return torch.rand(x.shape, device=x.device) < 1 - p
-
-
-def _apply_mask(t: torch.Tensor, keep: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """Inverted dropout with a given mask, in `dtype`: kept elements scaled by 1 / (1 - p), the others zero.
-    One new tensor, scaled in place: a step calls this ~200 times on activation-sized inputs."""
-    out = (t * keep).to(dtype)
-    return out.mul_(1.0 / (1.0 - p)) if p < 1 else out.zero_()
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -3,7 +3,8 @@
 One switch (model/kernels/_switch.py) decides the path per call: the Triton kernels for CUDA tensors, the
 references everywhere else; MINICURIE_KERNELS=auto|triton|reference or `with use_kernels("triton"):` forces one.
 `linear` is the exception: cuBLAS on CUDA, and oneDNN for float32 products on the CPU (see matmul.py). In auto
-mode `attention` also takes PyTorch's SDPA where the flash kernel has no tiles (head_dim other than 16/32/64/128).
+mode `attention` also takes PyTorch's SDPA where the flash kernel has no tiles (head_dim other than 16/32/64/128),
+and on the CPU bf16 attention of a whole causal sequence takes attention_cpu.py (oneDNN products, a C softmax).
 `TRITON_INTERPRET=1` (set before anything imports triton) runs the Triton path on the CPU, which is how the tests
 check it.
 
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from model.kernels._switch import current_mode, use_kernels, use_triton
+from model.kernels.attention_cpu import attention_cpu
+from model.kernels.attention_cpu import supports as attention_cpu_supports
 from model.kernels.cross_entropy import compute_dtype, linear_cross_entropy_fused
 from model.kernels.flash_attention import attention_reference, causal_window_mask
 from model.kernels.flash_attention import flash_attention as flash_attention_triton
@@ -61,6 +64,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window:
     # on SDPA below; a forced "triton" path still goes to the kernel, which says what it cannot do.
     if use_triton(q, k, v) and (current_mode() == "triton" or flash_attention_supports(q, k, v)):
         return flash_attention_triton(q, k, v, sliding_window)
+    # bf16 on the CPU (training under autocast): oneDNN products around a C softmax, ~2x SDPA (attention_cpu.py).
+    if attention_cpu_supports(q, k, v, sliding_window):
+        return attention_cpu(q, k, v)
     # Elsewhere PyTorch's fused attention, with the mask that attention_reference spells out.
     t = q.shape[-2]
     gqa = q.shape[1] != k.shape[1]

@@ -36,11 +36,6 @@ ctypes. Without a compiler, or with MINICURIE_KERNELS=reference, every product r
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shlex
-import subprocess
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -50,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from model.gguf import GGML_TYPES, _f16
+from model.kernels import _cbuild
 from model.kernels._switch import current_mode
 from model.kernels.matmul import eager_only
 
@@ -145,57 +141,9 @@ _lib_tried = False
 _lib_lock = threading.Lock()
 
 
-def _cpu_signature() -> str:
-    """The CPU's instruction sets, as -march=native sees them: a library built for another CPU is not reused."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    import platform
-    return platform.processor() + platform.machine()
-
-
 def compile_library(flags: list[str], target: Path) -> str | None:
-    """Compile gguf_blocks.c with `flags` into `target` (atomically: temp file + rename). -> None, or the error."""
-    cc = shlex.split(os.environ.get("CC") or "cc")   # e.g. CC="ccache gcc"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="gguf_blocks-building-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        run = subprocess.run([*cc, *flags, "-shared", "-fPIC", str(_SOURCE), "-o", tmp],
-                             capture_output=True, text=True, timeout=120)
-        if run.returncode:
-            return f"{' '.join(cc)} {' '.join(flags)}: {run.stderr.strip()[-300:]}"
-        os.chmod(tmp, 0o755 & ~_umask())   # mkstemp made it private; a shared cache folder needs it readable
-        os.replace(tmp, target)            # another process sees no library or a whole one
-        return None
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"{' '.join(cc)} {' '.join(flags)}: {e}"
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    """The process's umask, read without setting it (os.umask would change it for every thread for a moment)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
-def _compiler_version() -> str:
-    cc = os.environ.get("CC") or "cc"
-    try:
-        run = subprocess.run([*shlex.split(cc), "--version"], capture_output=True, text=True, timeout=30)
-        return cc + " " + (run.stdout.splitlines() or [""])[0]
-    except (OSError, subprocess.TimeoutExpired):
-        return cc
+    """Compile gguf_blocks.c with `flags` into `target` (atomically). -> None, or the error (see _cbuild.py)."""
+    return _cbuild.compile_library(_SOURCE, flags, target)
 
 
 def open_library(path: Path) -> ctypes.CDLL:
@@ -207,32 +155,12 @@ def open_library(path: Path) -> ctypes.CDLL:
     return lib
 
 
-# Tried in order: the CPU's own instruction sets (AVX-512 or AVX2 paths), then none (plain C), then no OpenMP.
-BUILD_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+BUILD_FLAGS = _cbuild.BUILD_FLAGS   # the CPU's own instruction sets (AVX-512 or AVX2 paths), plain C, no OpenMP
 
 
 def _build() -> ctypes.CDLL:
-    """Compile gguf_blocks.c into the cache folder (once per source, compiler, flags and CPU) and load it. A cached
-    library that does not load (truncated, say) is built again. (Another CPU's library would load and then crash:
-    the CPU's flags in the cache key keep machines that share a cache folder apart.)"""
-    from model.sources import cache_dir
-    source, compiler = _SOURCE.read_bytes(), _compiler_version()
-    errors = []
-    for flags in BUILD_FLAGS:
-        key = hashlib.sha256(source + " ".join([compiler, *flags, _cpu_signature()]).encode())
-        target = cache_dir() / "kernels" / f"gguf_blocks-{key.hexdigest()[:16]}.so"
-        for attempt in ("cached", "rebuilt"):
-            if attempt == "rebuilt" or not target.exists():
-                error = compile_library(flags, target)
-                if error:
-                    errors.append(error)
-                    break
-            try:
-                return open_library(target)
-            except OSError as e:
-                if attempt == "rebuilt":
-                    errors.append(f"{target}: {e}")
-    raise RuntimeError("; ".join(errors))
+    """Compile gguf_blocks.c into the cache folder (once per source, compiler, flags and CPU) and load it."""
+    return _cbuild.build(_SOURCE, open_library, BUILD_FLAGS)
 
 
 def library() -> ctypes.CDLL | None:

@@ -1,0 +1,196 @@
+"""The bf16 CPU kernels of LoRA training under autocast: attention (attention_cpu.py / .c), SwiGLU (swiglu_cpu.c)
+and the cross-entropy chunk step (cross_entropy_cpu.c). Each is checked, forward and gradients, against float64
+with fresh random inputs, on every path the C file has: the CPU's own (AVX-512 here) and plain C built on purpose,
+with one and two threads."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import kernels
+from model.kernels import _cbuild
+from model.kernels.flash_attention import attention_reference
+
+# The modules (model.kernels exports functions of the same names as two of them).
+attention_cpu, swiglu, cross_entropy = (importlib.import_module(f"model.kernels.{name}")
+                                        for name in ("attention_cpu", "swiglu", "cross_entropy"))
+
+HAVE_CC = shutil.which("cc") is not None
+pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the PyTorch paths are the only ones")
+MODULES = {"attention": attention_cpu, "swiglu": swiglu, "cross_entropy": cross_entropy}
+PATHS = {"native": None, "plain C": ["-O3"], "plain C + OpenMP": ["-O3", "-fopenmp"]}
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
+def path(request, tmp_path_factory):
+    """Every module's KERNEL built with this path's flags (None: as the library builds it for this CPU)."""
+    flags = PATHS[request.param]
+    saved = {name: (m.KERNEL.lib, m.KERNEL.tried) for name, m in MODULES.items()}
+    if flags is not None:
+        for name, m in MODULES.items():
+            target = tmp_path_factory.mktemp(name) / f"{name}.so"
+            error = _cbuild.compile_library(m.KERNEL.source, flags, target)
+            assert error is None, error
+            m.KERNEL.lib, m.KERNEL.tried = m.KERNEL.opener(target), True
+    for m in MODULES.values():
+        assert m.KERNEL.library() is not None
+    yield request.param
+    for name, m in MODULES.items():
+        m.KERNEL.lib, m.KERNEL.tried = saved[name]
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def grads(fn, inputs, dy):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    y = fn(*leaves)
+    y.backward(dy)
+    return [y.detach(), *(x.grad for x in leaves)]
+
+
+def assert_bf16_close(ours, exact, others=None, what=""):
+    """ours within bf16's rounding of float64: a few units of 2^-8 relative to the tensor's largest value, and
+    (where another bf16 implementation is given) no more than twice its error plus one rounding."""
+    exact = exact.double()
+    err = (ours.double() - exact).abs().max().item()
+    scale = exact.abs().max().item()
+    assert err <= 4 * 2**-8 * scale, f"{what}: max error {err:.3g} for values up to {scale:.3g}"
+    if others is not None:
+        theirs = (others.double() - exact).abs().max().item()
+        assert err <= 2 * theirs + 2**-8 * scale, f"{what}: ours {err:.3g} against SDPA's {theirs:.3g}"
+
+
+# --------------------------------------------------------------------------------------------------- attention
+
+@pytest.mark.parametrize("b, h, hkv, t, d", [(1, 2, 2, 37, 16), (2, 6, 2, 130, 32), (1, 9, 3, 300, 64),
+                                             (2, 4, 1, 129, 64)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_attention_matches_float64_and_sdpa(path, b, h, hkv, t, d, n_threads):
+    torch.manual_seed(t * 7 + h)
+    # The decoder's layout: q, k, v are [B, T, H, D] tensors seen as [B, H, T, D].
+    q, k, v = (torch.randn(b, t, n, d).transpose(1, 2).to(torch.bfloat16) for n in (h, hkv, hkv))
+    q = q * 2   # larger scores: a peakier softmax than unit-scale inputs give
+    dy = torch.randn(b, h, t, d).to(torch.bfloat16)
+    assert attention_cpu.supports(q, k, v, None)
+    with threads(n_threads):
+        ours = grads(attention_cpu.attention_cpu, (q, k, v), dy)
+    exact = grads(lambda q, k, v: attention_reference(q.double(), k.double(), v.double(), None),
+                  (q, k, v), dy.double())
+    sdpa = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hkv != h),
+                 (q, k, v), dy)
+    for name, o, e, s in zip(("output", "dq", "dk", "dv"), ours, exact, sdpa):
+        assert o.dtype == torch.bfloat16 and o.shape == e.shape
+        assert_bf16_close(o, e, s, name)
+
+
+def test_attention_dispatch_and_fallbacks(path):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, n, 40, 16).to(torch.bfloat16) for n in (4, 2, 2))
+    ours = kernels.attention(q, k, v, None)
+    torch.testing.assert_close(ours, attention_cpu.attention_cpu(q, k, v), rtol=0, atol=0)
+    # What the path does not take goes to SDPA: a binding window, float32, the reference switch.
+    assert not attention_cpu.supports(q, k, v, 16)
+    assert not attention_cpu.supports(q.float(), k.float(), v.float(), None)
+    with kernels.use_kernels("reference"):
+        assert not attention_cpu.supports(q, k, v, None)
+    windowed = kernels.attention(q, k, v, 16)
+    assert_bf16_close(windowed, attention_reference(q.double(), k.double(), v.double(), 16))
+    # A window at least as long as the sequence binds nothing: the path takes it.
+    assert attention_cpu.supports(q, k, v, 40)
+
+
+def test_attention_in_a_model_under_autocast_matches_sdpa(path):
+    # The decoder in float32 weights under bf16 autocast: our path against SDPA's, loss and gradients.
+    from model import ModelArgs, Transformer
+    torch.manual_seed(1)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, vocab_size=128,
+                     sliding_window=None)
+    model = Transformer(args)
+    tokens = torch.randint(0, 128, (2, 33))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+        loss.backward()
+        return loss.detach(), model.layers[0].attention.wq.weight.grad.clone()
+    ours = loss_and_grads()
+    saved = attention_cpu.KERNEL.lib
+    attention_cpu.KERNEL.lib = None   # as where the kernel cannot be built: SDPA
+    try:
+        theirs = loss_and_grads()
+    finally:
+        attention_cpu.KERNEL.lib = saved
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0.02, atol=0.02)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0.05, atol=0.05 * theirs[1].abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------------------ SwiGLU
+
+@pytest.mark.parametrize("shape", [(3, 5, 96), (4099,), (2, 64, 1536)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_swiglu_matches_float64(path, shape, n_threads):
+    torch.manual_seed(sum(shape) + n_threads)
+    gate, up = (torch.randn(shape) * 4).to(torch.bfloat16), torch.randn(shape).to(torch.bfloat16)
+    gate.view(-1)[:3] = torch.tensor([0.0, -30.0, 30.0])    # the sigmoid's flat ends and its midpoint
+    dy = torch.randn(shape).to(torch.bfloat16)
+    with threads(n_threads):
+        ours = grads(swiglu.swiglu_recompute, (gate, up), dy)
+    exact = grads(lambda g, u: F.silu(g) * u, (gate.double(), up.double()), dy.double())
+    for name, o, e in zip(("output", "d gate", "d up"), ours, exact):
+        assert o.dtype == torch.bfloat16
+        # One rounding of a float32 result: within 2^-8 of each element, relative (plus float32's own error).
+        torch.testing.assert_close(o.double(), e, rtol=2**-8 + 1e-5, atol=1e-30, msg=name)
+
+
+def test_swiglu_float32_keeps_the_reference():
+    gate, up = torch.randn(10, 8, requires_grad=True), torch.randn(10, 8)
+    assert not swiglu._c_kernel_takes(gate, up)
+    torch.testing.assert_close(swiglu.swiglu_recompute(gate, up), F.silu(gate) * up, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------- cross-entropy
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_cross_entropy_chunk_matches_float64(path, label_smoothing, n_threads):
+    torch.manual_seed(int(label_smoothing * 10) + n_threads)
+    n, v = 37, 1000 + 3                                    # a vocabulary that is no multiple of the vector width
+    logits = (torch.randn(n, v) * 5).to(torch.bfloat16)
+    targets = torch.randint(0, v, (n,))
+    targets[[2, 30]] = -100
+    targets[5] = v - 1
+    z = logits.clone()
+    with threads(n_threads):
+        loss = cross_entropy._chunk_step_cpu(z, targets, -100, label_smoothing, write_grad=True)
+    z64 = logits.double().requires_grad_()
+    kept = targets != -100
+    per_token = F.cross_entropy(z64, targets, ignore_index=-100, label_smoothing=label_smoothing, reduction="none")
+    per_token.sum().backward()
+    torch.testing.assert_close(loss.double(), per_token.detach(), rtol=1e-5, atol=1e-5)
+    assert (loss[~kept] == 0).all() and (z[~kept] == 0).all()
+    # The gradient rounded once to bf16: within 2^-8 of each element relative, plus float32's error near 0.
+    torch.testing.assert_close(z.double(), z64.grad, rtol=2**-8, atol=1e-7)
+    # Without write_grad the logits stay as they were.
+    z = logits.clone()
+    cross_entropy._chunk_step_cpu(z, targets, -100, label_smoothing, write_grad=False)
+    assert torch.equal(z, logits)
+
+
+def test_cross_entropy_chunk_rejects_targets_outside_the_vocabulary(path):
+    logits = torch.randn(4, 50).to(torch.bfloat16)
+    with pytest.raises(IndexError, match="target 50 is out of range for a vocabulary of 50"):
+        cross_entropy._chunk_step_cpu(logits, torch.tensor([1, 2, 50, 3]), -100, 0.0, write_grad=True)
