@@ -194,3 +194,16 @@ def test_cross_entropy_chunk_rejects_targets_outside_the_vocabulary(path):
     logits = torch.randn(4, 50).to(torch.bfloat16)
     with pytest.raises(IndexError, match="target 50 is out of range for a vocabulary of 50"):
         cross_entropy._chunk_step_cpu(logits, torch.tensor([1, 2, 50, 3]), -100, 0.0, write_grad=True)
+
+
+def test_attention_long_sequences_train_on_sdpa():
+    # The backward's [T*G, T] buffers grow as T^2: beyond MAX_BACKWARD_T a sequence that needs gradients goes to
+    # SDPA, while inference (no gradients) still takes the path.
+    t = attention_cpu.MAX_BACKWARD_T + 1
+    q, k, v = (torch.empty(1, 1, t, 16, dtype=torch.bfloat16) for _ in range(3))
+    if attention_cpu.KERNEL.library() is None:
+        pytest.skip("no kernel")
+    assert attention_cpu.supports(q, k, v, None)
+    assert not attention_cpu.supports(q.requires_grad_(), k, v, None)
+    with torch.no_grad():
+        assert attention_cpu.supports(q, k, v, None)

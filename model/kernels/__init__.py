@@ -3,8 +3,12 @@
 One switch (model/kernels/_switch.py) decides the path per call: the Triton kernels for CUDA tensors, the
 references everywhere else; MINICURIE_KERNELS=auto|triton|reference or `with use_kernels("triton"):` forces one.
 `linear` is the exception: cuBLAS on CUDA, and oneDNN for float32 products on the CPU (see matmul.py). In auto
-mode `attention` also takes PyTorch's SDPA where the flash kernel has no tiles (head_dim other than 16/32/64/128),
-and on the CPU bf16 attention of a whole causal sequence takes attention_cpu.py (oneDNN products, a C softmax).
+mode `attention` also takes PyTorch's SDPA where the flash kernel has no tiles (head_dim other than 16/32/64/128).
+On the CPU, bf16 tensors (training under autocast) take small C kernels where a C compiler is present
+(_cbuild.py builds them at first use): attention of a whole causal sequence (attention_cpu.py: oneDNN products
+around a C softmax), SwiGLU (swiglu_cpu.c) and the loss's chunk step (cross_entropy_cpu.c); LoRA's dropout
+(dropout.py) rebuilds its mask from a seed, in C for float32 and bf16 alike. MINICURIE_KERNELS=reference turns
+them all off.
 `TRITON_INTERPRET=1` (set before anything imports triton) runs the Triton path on the CPU, which is how the tests
 check it.
 

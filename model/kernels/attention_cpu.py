@@ -27,7 +27,8 @@ against SDPA's own error. Only whole-sequence causal attention without a binding
 eager mode; `supports` says when, and kernels.attention sends everything else to SDPA.
 
 Memory: saved for the backward are q, k, v, the output and lse (as SDPA saves); the products' float32 blocks are
-transient ([rows, T] per call, BLOCK query positions at a time).
+transient ([rows, T] per call, BLOCK query positions at a time), and so are the backward's bf16 P and dS of one
+(sequence, KV head), [T*G, T] each: hence MAX_BACKWARD_T.
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ from model.kernels._switch import current_mode
 from model.kernels.matmul import eager_only, matmul_nt
 
 BLOCK = 128   # query positions per block: smaller skips more of the causal triangle, larger makes fewer calls
+# The backward holds P and dS of one (sequence, KV head) whole, 2 * 2 * G * T^2 bytes (50 MB at T = 2048, G = 3);
+# longer sequences that need gradients go to SDPA, whose memory grows as T.
+MAX_BACKWARD_T = 2048
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -62,6 +66,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: 
     """Does attention(q, k, v) take this path? bf16 CPU tensors of one whole sequence, causal with no binding
     window, in eager mode, with the C kernel built."""
     t = q.shape[-2]
+    if t > MAX_BACKWARD_T and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return False
     return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.dim() == 4
             and k.shape == v.shape and k.shape[-2] == t and q.shape[1] % k.shape[1] == 0 and t > 0
             and (sliding_window is None or sliding_window >= t) and current_mode() != "reference"
