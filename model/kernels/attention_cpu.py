@@ -124,9 +124,10 @@ class _CPUAttention(torch.autograd.Function):
                                                   lse[bi, hi, rows].data_ptr(), s.shape[0], t1, g, t0, scale,
                                                   work.data_ptr(), threads)
                     torch.mm(p, vc[bi, hi, :t1], out=o[bi, hi, rows])                     # [rows, D] bf16
-        ctx.save_for_backward(q, k, v, o, lse)
+        out = _heads(o, g)
+        ctx.save_for_backward(q, k, v, out, lse)   # the output itself (the next layer keeps it anyway), not o
         ctx.g = g
-        return _heads(o, g)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -136,7 +137,7 @@ class _CPUAttention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         g = ctx.g
         b, h, t, d = q.shape
         hkv = k.shape[1]
@@ -144,7 +145,7 @@ class _CPUAttention(torch.autograd.Function):
         lib, threads = KERNEL.library(), torch.get_num_threads()
         do16 = _rows(do, g, torch.bfloat16)
         do32 = do16.float()
-        delta = (do32 * o.float()).sum(-1)                                      # [B, Hkv, T*G] float32
+        delta = (do32 * _rows(out, g, torch.float32)).sum(-1)                   # [B, Hkv, T*G] float32
         q32, k32, v32 = _rows(q, g, torch.float32), k.float().contiguous(), v.float().contiguous()
         q16, k16 = q32.to(torch.bfloat16), k.contiguous()
         dq = torch.empty(b, hkv, t * g, d, dtype=torch.bfloat16)
