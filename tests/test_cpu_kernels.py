@@ -207,3 +207,38 @@ def test_attention_long_sequences_train_on_sdpa():
     assert not attention_cpu.supports(q.requires_grad_(), k, v, None)
     with torch.no_grad():
         assert attention_cpu.supports(q, k, v, None)
+
+
+def test_without_a_compiler_training_runs_on_the_pytorch_paths(tmp_path):
+    # No C compiler and an empty cache: each kernel says once that it is unavailable, and a bf16 LoRA step runs on
+    # the PyTorch paths with the same dropout masks (the reference draws the same stream).
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = """
+import warnings
+warnings.simplefilter("always")
+import torch, lora
+from model import ModelArgs, Transformer
+from model.kernels import dropout
+torch.manual_seed(0)
+model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
+                              vocab_size=64, sliding_window=None))
+lora.inject_lora(model, lora.LoRAConfig(r=4, alpha=8, dropout=0.1))
+tokens = torch.randint(0, 64, (2, 17))
+with warnings.catch_warnings(record=True) as caught:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+    loss.backward()
+    x = torch.randn(100)
+    assert torch.equal(dropout.dropout(x, 5, 0.5, torch.float32), dropout.dropout_reference(x, 5, 0.5, torch.float32))
+assert torch.isfinite(loss)
+print(sorted({str(w.message).split(":")[0] for w in caught if "C kernel unavailable" in str(w.message)}))
+"""
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "MINICURIE_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == str(sorted(["CPU attention", "SwiGLU", "cross-entropy",
+                                                              "dropout"]))
