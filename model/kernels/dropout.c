@@ -15,8 +15,7 @@
  * tests/test_dropout.py. bf16 is stored as the top half of a float32, rounded to nearest even (NaN -> 0x7fc0), as
  * PyTorch rounds; the product in[i] * scale is a float32 product in both.
  */
-#include <stdint.h>
-#include <string.h>
+#include "cpu_vec.h"   /* from_bf16, to_bf16 */
 
 static inline uint32_t mix(uint32_t x)
 {
@@ -32,24 +31,6 @@ static inline float factor(int64_t i, uint32_t k0, uint32_t k1, uint32_t keep_be
 {
     uint32_t h = mix(mix((uint32_t)i ^ k0) ^ (uint32_t)((uint64_t)i >> 32) ^ k1);
     return (h >> 8) < keep_below ? scale : 0.0f;
-}
-
-static inline float from_bf16(uint16_t b)
-{
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
 }
 
 #define CHUNK 4096   /* elements per OpenMP work item: a few pages, long enough for the vector loop */
