@@ -14,7 +14,8 @@ Memory. The gradient of A needs the dropped-out input. nn.Dropout followed by a 
 of x for it (the dropout's noise and its output), per adapter: with Curie's seven adapters per block that is more
 than half of a LoRA step's activations. `_DropoutThenA` keeps x itself (q, k and v share one input, so they share
 one saved x, as do gate and up) and the 64-bit seed of its mask, and rebuilds the dropped-out input in the backward
-pass (model/kernels/dropout.py: the mask is a function of the seed, drawn and applied in one C pass on the CPU).
+pass (model/kernels/dropout.py: the mask is a function of the seed, drawn and applied in one C pass on the CPU;
+where that kernel does not run, a one-byte keep-mask is kept instead).
 The masks are independent per adapter, as with nn.Dropout; the arithmetic is the same. Likewise, under autocast
 a frozen float32 base keeps no bf16 copy of its weight for the backward (`frozen_linear`).
 """
@@ -26,8 +27,7 @@ import torch
 import torch.nn as nn
 
 from model.kernels import compute_dtype, linear, matmul_nt
-from model.kernels.dropout import draw_seed
-from model.kernels.dropout import dropout as seeded_dropout
+from model.kernels import dropout as D
 from model.kernels.nf4 import frozen_linear
 
 
@@ -146,31 +146,41 @@ class LoRALinear(nn.Module):
 
 
 class _DropoutThenA(torch.autograd.Function):
-    """u = dropout(x, p) @ A.T, keeping x and the mask's seed for the backward instead of two float copies.
+    """u = dropout(x, p) @ A.T, keeping x and its mask's seed (or, where the seeded kernel does not run, a bool
+    mask) for the backward instead of two float copies.
 
-        forward:   s = a fresh seed, m = keep_mask(s) [..., in],  u = ((x * m) / (1 - p)) @ A.T       [..., r]
-        backward:  dA = du^T @ ((x * m) / (1 - p))     dx = ((du @ A) * m) / (1 - p)     (m rebuilt from s)
+        forward:   m = keep_mask(a fresh seed) [..., in],  u = ((x * m) / (1 - p)) @ A.T       [..., r]
+        backward:  dA = du^T @ ((x * m) / (1 - p))     dx = ((du @ A) * m) / (1 - p)     (m rebuilt from the seed)
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
-        seed = draw_seed()
+        if D.seeded(x, dtype):
+            ctx.seed, keep = D.draw_seed(), None
+            dropped = D.dropout(x, ctx.seed, p, dtype)
+        else:
+            ctx.seed, keep = None, D.random_mask(x, p)
+            dropped = D.apply_mask(x, keep, p, dtype)
         with torch.autocast(x.device.type, enabled=False):   # the products run in `dtype`, chosen by the caller
-            u = matmul_nt(seeded_dropout(x, seed, p, dtype), lora_A.to(dtype))
-        ctx.save_for_backward(x, lora_A)
-        ctx.p, ctx.dtype, ctx.seed = p, dtype, seed
+            u = matmul_nt(dropped, lora_A.to(dtype))
+        ctx.save_for_backward(x, lora_A, keep)
+        ctx.p, ctx.dtype = p, dtype
         return u
 
     @staticmethod
     def backward(ctx, du: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, lora_A = ctx.saved_tensors
+        x, lora_A, keep = ctx.saved_tensors
+        p, seed = ctx.p, ctx.seed
+
+        def drop(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:   # the forward's mask, on another tensor
+            return D.dropout(t, seed, p, dtype) if seed is not None else D.apply_mask(t, keep, p, dtype)
         du = du.to(ctx.dtype)
         dx = dA = None
         if ctx.needs_input_grad[1]:
-            dropped = seeded_dropout(x, ctx.seed, ctx.p, ctx.dtype)                          # [..., in]
+            dropped = drop(x, ctx.dtype)                                                      # [..., in]
             dA = matmul_nt(du.flatten(0, -2).T, dropped.flatten(0, -2).T).to(lora_A.dtype)   # [r, in]
         if ctx.needs_input_grad[0]:
-            dx = seeded_dropout(matmul_nt(du, lora_A.to(ctx.dtype).T), ctx.seed, ctx.p, x.dtype)   # [..., in]
+            dx = drop(matmul_nt(du, lora_A.to(ctx.dtype).T), x.dtype)                        # [..., in]
         return dx, dA, None, None
 
 

@@ -61,6 +61,19 @@ def grads(fn, inputs, dy):
     return [y.detach(), *(x.grad for x in leaves)]
 
 
+def assert_rows_close(ours, exact, others, what=""):
+    """Row by row (the last dimension), so that an error confined to small rows (the last keys' dk, say) shows:
+    each row of ours within 2^-7 of the row's largest exact value, or within twice SDPA's error on that row plus
+    one bf16 rounding of it."""
+    exact = exact.double()
+    err = (ours.double() - exact).abs().amax(-1)
+    theirs = (others.double() - exact).abs().amax(-1)
+    row_scale = exact.abs().amax(-1)
+    bound = torch.maximum(2**-7 * row_scale, 2 * theirs + 2**-8 * row_scale) + 1e-6 * exact.abs().max()
+    worst = (err / bound).max().item()
+    assert worst <= 1, f"{what}: a row's error is {worst:.2f}x its bound"
+
+
 def assert_bf16_close(ours, exact, others=None, what=""):
     """ours within bf16's rounding of float64: a few units of 2^-8 relative to the tensor's largest value, and
     (where another bf16 implementation is given) no more than twice its error plus one rounding."""
@@ -94,6 +107,7 @@ def test_attention_matches_float64_and_sdpa(path, b, h, hkv, t, d, n_threads):
     for name, o, e, s in zip(("output", "dq", "dk", "dv"), ours, exact, sdpa):
         assert o.dtype == torch.bfloat16 and o.shape == e.shape
         assert_bf16_close(o, e, s, name)
+        assert_rows_close(o, e, s, name)
 
 
 def test_attention_dispatch_and_fallbacks(path):
@@ -242,3 +256,48 @@ print(sorted({str(w.message).split(":")[0] for w in caught if "C kernel unavaila
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == str(sorted(["CPU attention", "SwiGLU", "cross-entropy",
                                                               "dropout"]))
+
+
+def test_attention_gradients_for_some_inputs_only_and_in_place_use(path):
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, n, 50, 16).to(torch.bfloat16) for n in (4, 2, 2))
+    dy = torch.randn(1, 4, 50, 16).to(torch.bfloat16)
+    exact = grads(lambda q, k, v: attention_reference(q.double(), k.double(), v.double(), None), (q, k, v),
+                  dy.double())
+    for needs in ([True, False, False], [False, True, False], [False, False, True]):
+        leaves = [x.detach().clone().requires_grad_(n) for x, n in zip((q, k, v), needs)]
+        out = attention_cpu.attention_cpu(*leaves)
+        out.mul_(1.0)            # the output is a tensor of its own: in-place use is allowed, as with SDPA's
+        out.backward(dy)
+        for leaf, n, e in zip(leaves, needs, exact[1:]):
+            assert (leaf.grad is not None) == n
+            if n:
+                assert_bf16_close(leaf.grad, e)
+
+
+def test_attention_and_loss_let_nan_through(path):
+    # A NaN score must not become a probability of 0: SDPA and the reference give NaN for every row that sees it.
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, n, 40, 16).to(torch.bfloat16) for n in (2, 1, 1))
+    k[0, 0, 5, 3] = float("nan")
+    ours = attention_cpu.attention_cpu(q, k, v)
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.equal(ours.isnan(), theirs.isnan()) and ours.isnan().any()
+    # A NaN logit makes its row's loss and whole gradient NaN, as in the reference.
+    logits = torch.randn(3, 70).to(torch.bfloat16)
+    logits[1, 9] = float("nan")
+    z, z_ref = logits.clone(), logits.clone()
+    loss = cross_entropy._chunk_step_cpu(z, torch.tensor([1, 2, 3]), -100, 0.0, write_grad=True)
+    loss_ref = cross_entropy._chunk_step_reference(z_ref, torch.tensor([1, 2, 3]), -100, 0.0, write_grad=True)
+    assert torch.equal(loss.isnan(), loss_ref.isnan()) and torch.equal(z.isnan(), z_ref.isnan())
+    assert z[1].isnan().all() and not z[0].isnan().any()
+
+
+def test_attention_supports_refuses_odd_shapes_instead_of_failing():
+    b = torch.bfloat16
+    ok = (torch.empty(1, 4, 8, 16, dtype=b), torch.empty(1, 2, 8, 16, dtype=b), torch.empty(1, 2, 8, 16, dtype=b))
+    assert not attention_cpu.supports(ok[0], ok[1][:, :0], ok[2][:, :0], None)           # no KV heads
+    assert not attention_cpu.supports(ok[0][..., :0], ok[1][..., :0], ok[2][..., :0], None)   # head_dim 0
+    assert not attention_cpu.supports(ok[0], ok[1][..., :8], ok[2][..., :8], None)       # head_dims differ
+    assert not attention_cpu.supports(ok[0].expand(2, -1, -1, -1), ok[1], ok[2], None)   # batch sizes differ
+    assert not attention_cpu.supports(ok[0][:, :3], ok[1], ok[2], None)                  # 3 heads over 2

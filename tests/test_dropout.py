@@ -116,3 +116,17 @@ def test_kernel_drops_exactly_at_the_threshold():
         pytest.fail("no element on the threshold in 19 seeds")
     out = D.dropout(torch.ones(n), seed, p, torch.float32)
     assert (out[on] == 0).all() and (out[under] == 2).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_other_dtypes_take_the_reference_and_keep_their_precision(dtype):
+    # float64 and float16 are not the kernel's: the reference computes in float64 / float32 and rounds once.
+    torch.manual_seed(9)
+    x = torch.randn(300, dtype=dtype)
+    assert not D.seeded(x, dtype)
+    out = D.dropout(x, 11, 0.0, dtype)
+    assert out.dtype == dtype and torch.equal(out, x)      # p = 0: every element kept, scaled by exactly 1
+    out = D.dropout(x, 11, 0.25, dtype)
+    keep = D.keep_mask(11, x.shape, 0.25)
+    expected = (x.to(torch.promote_types(dtype, torch.float32)) * keep * (1 / 0.75)).to(dtype)
+    assert torch.equal(out, expected)

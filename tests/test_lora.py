@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lora import (LoRAConfig, LoRALinear, count_parameters, export_merged_hf, inject_lora, load_adapter,
                   lora_modules, merge_lora, parameter_summary, remove_lora, save_adapter, unmerge_lora)
 from lora.adapter import ADAPTER_WEIGHTS
-from model.kernels.dropout import draw_seed, keep_mask
+from model.kernels import dropout as D
 from model.args import ModelArgs
 from model.loading import load
 from model.nf4 import NF4Linear
@@ -96,27 +96,57 @@ def test_lora_path_runs_in_the_input_dtype():
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
-def test_dropout_path_matches_float64_with_the_same_mask(p):
-    # _DropoutThenA keeps x and its mask's seed instead of nn.Dropout's two float copies. Replay its mask (same
-    # torch seed, same draw) and check the output and both gradients against float64 autograd of x * mask / (1 - p) @ A.T.
-    lora = LoRALinear(nn.Linear(24, 40, bias=False), r=4, alpha=8, dropout=p).train()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_path_matches_float64_with_the_same_mask(p, dtype):
+    # _DropoutThenA keeps x and its mask's seed (float32 on the CPU: the C kernel) or a stored bool mask (float64,
+    # which the kernel does not take) instead of nn.Dropout's two float copies. Replay its mask (same torch seed,
+    # same draw) and check the output and both gradients against float64 autograd of x * mask / (1 - p) @ A.T.
+    lora = LoRALinear(nn.Linear(24, 40, bias=False), r=4, alpha=8, dropout=p).to(dtype).train()
     with torch.no_grad():
         lora.lora_B.normal_()
-    x = torch.randn(3, 5, 24, requires_grad=True)
-    dy = torch.randn(3, 5, 40)
+    x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
+    dy = torch.randn(3, 5, 40, dtype=dtype)
     torch.manual_seed(123)
     y = lora(x)
     y.backward(dy)
     torch.manual_seed(123)
-    keep = keep_mask(draw_seed(), x.shape, p)
+    seeded = D.seeded(x, dtype)
+    assert seeded == (dtype == torch.float32 and D.KERNEL.library() is not None)
+    keep = D.keep_mask(D.draw_seed(), x.shape, p) if seeded else D.random_mask(x, p)
     assert 0 < keep.sum() < keep.numel()
     d = lambda t: t.detach().double().requires_grad_()  # noqa: E731
     x64, w64, a64, b64 = d(x), d(lora.base.weight), d(lora.lora_A), d(lora.lora_B)
     y64 = x64 @ w64.T + 2 * ((x64 * keep / (1 - p)) @ a64.T) @ b64.T
     y64.backward(dy.double())
-    # float32 sums of up to 40 products of O(1..10) terms: a few ulps of the largest, ~1e-5 absolute.
+    # float32 sums of up to 40 products of O(1..10) terms: a few ulps of the largest, ~1e-5 absolute (float64:
+    # ~1e-14; the adapter's A and B are float32 whatever the base, so their products round to float32).
     for ours, exact in [(y, y64), (x.grad, x64.grad), (lora.lora_A.grad, a64.grad), (lora.lora_B.grad, b64.grad)]:
         torch.testing.assert_close(ours.double(), exact, atol=5e-5, rtol=1e-5)
+
+
+def test_dropout_gradients_are_the_same_under_activation_checkpointing():
+    # A checkpointed block recomputes its forward in the backward; the recomputed dropout must draw the same seeds
+    # (torch.utils.checkpoint restores the RNG state), or the LoRA gradients would differ.
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
+                                  vocab_size=64, sliding_window=None))
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.3))
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_()
+    model.train()
+    tokens = torch.randint(0, 64, (2, 17))
+    results = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def _saved_bytes(fn) -> int:

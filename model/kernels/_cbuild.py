@@ -4,7 +4,8 @@ A kernel is one .c file beside its Python module (plain C, no Python or torch he
 system's C compiler (`$CC`, default `cc`) into the cache folder (`<cache>/kernels/<stem>-<key>.so`), where the key
 hashes the source (and the headers beside it), the compiler's version, the flags and the CPU's instruction sets, so that an edited kernel, a new
 compiler or another CPU sharing the cache gets its own library. Flags are tried in order: the CPU's own instruction
-sets (-march=native), then none, then no OpenMP. Building is atomic (temp file + rename), and a cached library that
+sets (-march=native) with OpenMP, then without it (a compiler with no OpenMP runtime), then plain C with and
+without OpenMP. Building is atomic (temp file + rename), and a cached library that
 does not load (truncated, say) is built again.
 
 `CKernel(...).library()` gives the loaded library, or None where it cannot be built: the caller then takes its
@@ -23,7 +24,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-BUILD_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+BUILD_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3", "-fopenmp"], ["-O3"])
 
 
 def cpu_signature() -> str:

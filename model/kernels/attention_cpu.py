@@ -16,17 +16,19 @@ positions [t0, t1) is a block of rows and a single product serves all G heads.
         O_blk = P V                     bf16 GEMM, float32 sums
     backward (FlashAttention-2's, recomputing P from lse instead of storing it):
         S = Q K^T, dP = dO V^T          float32, per query block
-        P, dS = P (dP - delta) scale    C, both bf16;  delta = rowsum(dO * O)
+        P, dS = P (dP - delta) scale    C, both bf16;  delta = rowsum(P * dP) in float32 (FlashAttention's
+                                        rowsum(dO * O) would carry the bf16 rounding of P and O into dP - delta,
+                                        a difference that cancels for the first queries: see attention_cpu.c)
         dQ_blk = dS_blk K               per query block
         dK_blk = dS[:, blk]^T Q, dV_blk = P[:, blk]^T dO      per key block, over the queries that see it
 
 Arithmetic: the scores and dP are float32 sums of exact products of bf16 values, the softmax float32, P and dS
 rounded to bf16 for the products that follow, every sum in float32, outputs rounded once to bf16: what SDPA's CPU
-kernel does with bf16 inputs. tests/test_attention_cpu.py checks forward and gradients against float64 and
+kernel does with bf16 inputs. tests/test_cpu_kernels.py checks forward and gradients against float64 and
 against SDPA's own error. Only whole-sequence causal attention without a binding sliding window, bf16 q/k/v, CPU,
 eager mode; `supports` says when, and kernels.attention sends everything else to SDPA.
 
-Memory: saved for the backward are q, k, v, the output and lse (as SDPA saves); the products' float32 blocks are
+Memory: saved for the backward are q, k, v and lse (SDPA also keeps its output); the products' float32 blocks are
 transient ([rows, T] per call, BLOCK query positions at a time), and so are the backward's bf16 P and dS of one
 (sequence, KV head), [T*G, T] each: hence MAX_BACKWARD_T.
 """
@@ -53,7 +55,7 @@ _I = ctypes.c_int64
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.attention_softmax_forward.argtypes = [_P, _I, _P, _I, _P, _I, _I, _I, _I, ctypes.c_float, _P, ctypes.c_int]
-    lib.attention_softmax_backward.argtypes = [_P, _I, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float,
+    lib.attention_softmax_backward.argtypes = [_P, _I, _P, _I, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_float, _P,
                                                ctypes.c_int]
     lib.attention_softmax_forward.restype = lib.attention_softmax_backward.restype = None
     return lib
@@ -65,11 +67,14 @@ KERNEL = CKernel(Path(__file__).with_name("attention_cpu.c"), _open, "CPU attent
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None) -> bool:
     """Does attention(q, k, v) take this path? bf16 CPU tensors of one whole sequence, causal with no binding
     window, in eager mode, with the C kernel built."""
-    t = q.shape[-2]
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        return False
+    t, h, hkv, d = q.shape[-2], q.shape[1], k.shape[1], q.shape[-1]
+    if hkv == 0 or h % hkv or d == 0 or t == 0 or k.shape[-2] != t:
+        return False
     if t > MAX_BACKWARD_T and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return False
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.dim() == 4
-            and k.shape == v.shape and k.shape[-2] == t and q.shape[1] % k.shape[1] == 0 and t > 0
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
             and (sliding_window is None or sliding_window >= t) and current_mode() != "reference"
             and eager_only() and all(type(x) in (torch.Tensor, torch.nn.Parameter) for x in (q, k, v))
             and KERNEL.library() is not None)
@@ -84,12 +89,13 @@ def _rows(x: torch.Tensor, g: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _heads(x: torch.Tensor, g: int) -> torch.Tensor:
-    """The inverse of `_rows` as a [B, H, T, D] view of a [B, T, H, D] tensor (what the decoder's wo reads)."""
+    """The inverse of `_rows`: [B, H, T, D] with the memory layout of [B, T, H, D] (what the decoder's wo reads
+    without a copy). A tensor of its own, not a view: autograd forbids in-place changes to a view a Function returns."""
     b, hkv, tg, d = x.shape
-    t = tg // g
-    out = torch.empty(b, t, hkv, g, d, dtype=x.dtype)
-    out.copy_(x.view(b, hkv, t, g, d).transpose(1, 2))
-    return out.view(b, t, hkv * g, d).transpose(1, 2)
+    t, h = tg // g, hkv * g
+    out = torch.empty_strided((b, h, t, d), (t * h * d, d, h * d, 1), dtype=x.dtype)
+    out.transpose(1, 2).view(b, t, hkv, g, d).copy_(x.view(b, hkv, t, g, d).transpose(1, 2))
+    return out
 
 
 def _blocks(t: int) -> list[tuple[int, int]]:
@@ -124,10 +130,9 @@ class _CPUAttention(torch.autograd.Function):
                                                   lse[bi, hi, rows].data_ptr(), s.shape[0], t1, g, t0, scale,
                                                   work.data_ptr(), threads)
                     torch.mm(p, vc[bi, hi, :t1], out=o[bi, hi, rows])                     # [rows, D] bf16
-        out = _heads(o, g)
-        ctx.save_for_backward(q, k, v, out, lse)   # the output itself (the next layer keeps it anyway), not o
+        ctx.save_for_backward(q, k, v, lse)
         ctx.g = g
-        return out
+        return _heads(o, g)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -137,7 +142,7 @@ class _CPUAttention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, lse = ctx.saved_tensors
         g = ctx.g
         b, h, t, d = q.shape
         hkv = k.shape[1]
@@ -145,13 +150,13 @@ class _CPUAttention(torch.autograd.Function):
         lib, threads = KERNEL.library(), torch.get_num_threads()
         do16 = _rows(do, g, torch.bfloat16)
         do32 = do16.float()
-        delta = (do32 * _rows(out, g, torch.float32)).sum(-1)                   # [B, Hkv, T*G] float32
         q32, k32, v32 = _rows(q, g, torch.float32), k.float().contiguous(), v.float().contiguous()
         q16, k16 = q32.to(torch.bfloat16), k.contiguous()
         dq = torch.empty(b, hkv, t * g, d, dtype=torch.bfloat16)
         dk = torch.empty(b, hkv, t, d, dtype=torch.bfloat16)
         dv = torch.empty(b, hkv, t, d, dtype=torch.bfloat16)
         p = torch.empty(t * g, t, dtype=torch.bfloat16)        # one (sequence, KV head) at a time
+        work = torch.empty(threads, t, dtype=torch.float32)
         ds = torch.empty(t * g, t, dtype=torch.bfloat16)
         for bi in range(b):
             for hi in range(hkv):
@@ -160,9 +165,9 @@ class _CPUAttention(torch.autograd.Function):
                     s = matmul_nt(q32[bi, hi, rows], k32[bi, hi, :t1])                   # [rows, t1] float32
                     dp = matmul_nt(do32[bi, hi, rows], v32[bi, hi, :t1])
                     lib.attention_softmax_backward(s.data_ptr(), s.stride(0), dp.data_ptr(), dp.stride(0),
-                                                   lse[bi, hi, rows].data_ptr(), delta[bi, hi, rows].data_ptr(),
-                                                   p[rows].data_ptr(), ds[rows].data_ptr(), p.stride(0),
-                                                   s.shape[0], t1, g, t0, scale, threads)
+                                                   lse[bi, hi, rows].data_ptr(), p[rows].data_ptr(),
+                                                   ds[rows].data_ptr(), p.stride(0), s.shape[0], t1, g, t0, scale,
+                                                   work.data_ptr(), threads)
                     torch.mm(ds[rows, :t1], k16[bi, hi, :t1], out=dq[bi, hi, rows])
                 for k0, k1 in _blocks(t):
                     rows = slice(k0 * g, t * g)                                           # queries that see them

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from model.kernels._cbuild import CKernel
 from model.kernels._switch import current_mode, jit, tl, triton
-from model.kernels.matmul import matmul_nt
+from model.kernels.matmul import eager_only, matmul_nt
 
 
 def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -117,9 +117,9 @@ def _chunk_step_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index
     return loss
 
 
-# bf16 logits on the CPU (training under autocast): cross_entropy_cpu.c does the chunk step above in one pass per
-# row for the statistics and one for the gradient, in the logits' own memory, where the reference makes a float32
-# copy and walks it six times (~0.5 s of a 6 s SmolLM2 LoRA step at micro-batch 4).
+# bf16 logits on the CPU (training under autocast): cross_entropy_cpu.c does the chunk step above in two passes per
+# row for the statistics (max, sum of exponentials) and one for the gradient, in the logits' own memory, where the
+# reference makes a float32 copy and walks it six times (~0.5 s of a 6 s SmolLM2 LoRA step at micro-batch 4).
 
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
@@ -136,8 +136,9 @@ KERNEL = CKernel(Path(__file__).with_name("cross_entropy_cpu.c"), _open, "cross-
 def _chunk_step_cpu(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
                     write_grad: bool) -> torch.Tensor:
     """_chunk_step_reference, through the C kernel for contiguous bf16 CPU logits (else the reference itself)."""
-    lib = KERNEL.library() if (logits.dtype == torch.bfloat16 and logits.device.type == "cpu"
-                               and logits.is_contiguous() and current_mode() != "reference") else None
+    lib = KERNEL.library() if (logits.dtype == torch.bfloat16 and logits.device.type == "cpu" and logits.dim() == 2
+                               and logits.is_contiguous() and type(logits) is torch.Tensor
+                               and current_mode() != "reference" and eager_only()) else None
     if lib is None:
         return _chunk_step_reference(logits, targets, ignore_index, label_smoothing, write_grad)
     n_rows, vocab_size = logits.shape

@@ -5,9 +5,10 @@
 
 Why. A LoRA adapter applies dropout to its input before the A product, and A's gradient needs the dropped-out input
 again. nn.Dropout keeps it (a float copy per adapter); a bool mask costs a byte an element; a seed costs nothing,
-and the mask is as cheap to rebuild as to read. On the CPU one C pass (dropout.c) draws, scales and writes the
+and in C the mask is as cheap to rebuild as to read. On the CPU one C pass (dropout.c) draws, scales and writes the
 product's input in its dtype (bf16 under autocast), where PyTorch takes five passes: a SmolLM2 LoRA step draws 211
-masks, and this took ~1.3 s out of a 9 s bf16 step (docs/benchmarks.md).
+masks, and this took ~1.3 s out of a 9 s bf16 step (docs/benchmarks.md). Where the kernel does not run (CUDA,
+float64, no C compiler: `seeded` says), LoRA draws and stores a bool mask instead (`random_mask`, `apply_mask`).
 
 Each call takes a fresh 64-bit seed from PyTorch's default generator (`draw_seed`), so `torch.manual_seed` fixes
 the masks, a checkpoint's RNG state resumes them, and activation checkpointing (which replays the RNG state)
@@ -74,9 +75,10 @@ def keep_mask(seed: int, shape: torch.Size | tuple[int, ...], p: float, device: 
 
 
 def dropout_reference(x: torch.Tensor, seed: int, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """x * keep * 1/(1-p) in float32, rounded once to `dtype`: what the kernel computes, in PyTorch."""
+    """x * keep * 1/(1-p) in float32 (float64 for a float64 x), rounded once to `dtype`: what the kernel computes,
+    in PyTorch."""
     keep = keep_mask(seed, x.shape, p, x.device)
-    return (x.float() * keep * (1.0 / (1.0 - p) if p < 1 else 0.0)).to(dtype)
+    return (x.to(torch.promote_types(x.dtype, torch.float32)) * keep * (1.0 / (1.0 - p) if p < 1 else 0.0)).to(dtype)
 
 
 def dropout(x: torch.Tensor, seed: int, p: float, dtype: torch.dtype) -> torch.Tensor:
@@ -95,6 +97,25 @@ def dropout(x: torch.Tensor, seed: int, p: float, dtype: torch.dtype) -> torch.T
     return out
 
 
+def seeded(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Does dropout of x into `dtype` run in the C kernel? Only there is rebuilding a mask cheaper than keeping it:
+    elsewhere (CUDA, float64 or float16, no C compiler) the reference's int64 hash costs ~25 passes over x, and
+    LoRA keeps a stored mask instead (`random_mask`, `apply_mask`)."""
+    return _takes(x, dtype) and KERNEL.library() is not None
+
+
+def random_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A bool keep-mask shaped like x, each element True with probability 1 - p (uniform floats below 1 - p; on the
+    CPU 1.6x faster than `bernoulli_` into a bool tensor)."""
+    return torch.rand(x.shape, device=x.device) < 1 - p
+
+
+def apply_mask(t: torch.Tensor, keep: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """Inverted dropout of t with a stored mask, in `dtype`: kept elements scaled by 1 / (1 - p), the others zero."""
+    out = (t * keep).to(dtype)
+    return out.mul_(1.0 / (1.0 - p)) if p < 1 else out.zero_()
+
+
 def _takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
     return (x.device.type == "cpu" and x.dtype in _KINDS and dtype in _KINDS and x.numel() > 0
             and current_mode() != "reference" and not _traced(x))
@@ -103,4 +124,4 @@ def _takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
 def _traced(x: torch.Tensor) -> bool:
     """Tensors a C function cannot see through: torch.compile's fake tensors, torch.func's wrappers."""
     from model.kernels.matmul import eager_only
-    return not eager_only() or type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter)
+    return not eager_only() or type(x) not in (torch.Tensor, torch.nn.Parameter)

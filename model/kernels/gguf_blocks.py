@@ -155,7 +155,7 @@ def open_library(path: Path) -> ctypes.CDLL:
     return lib
 
 
-BUILD_FLAGS = _cbuild.BUILD_FLAGS   # the CPU's own instruction sets (AVX-512 or AVX2 paths), plain C, no OpenMP
+BUILD_FLAGS = _cbuild.BUILD_FLAGS   # the CPU's own instruction sets (AVX-512 or AVX2 paths), then plain C
 
 
 def _build() -> ctypes.CDLL:
