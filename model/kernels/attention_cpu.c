@@ -17,22 +17,34 @@
 #include <omp.h>
 #endif
 
+/* This thread's n_keys floats of the caller's scratch (`work`: n_threads * n_keys floats). */
+static inline float *scratch(float *work, int64_t n_keys)
+{
+#ifdef _OPENMP
+    return work + (int64_t)omp_get_thread_num() * n_keys;
+#else
+    (void)n_keys;
+    return work;
+#endif
+}
+
+/* How many keys row r sees: 0 .. its position (t0 + r / G), within the block's n_keys. */
+static inline int64_t keys_seen(int64_t r, int64_t G, int64_t t0, int64_t n_keys)
+{
+    int64_t seen = t0 + r / G + 1;
+    return seen < n_keys ? seen : n_keys;
+}
+
 /* S, P: [rows, n_keys] with row strides ld_s, ld_p; lse: [rows]. `work`: n_threads * n_keys floats of scratch. */
 void attention_softmax_forward(const float *S, int64_t ld_s, uint16_t *P, int64_t ld_p, float *lse, int64_t rows,
                                int64_t n_keys, int64_t G, int64_t t0, float scale, float *work, int n_threads)
 {
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t r = 0; r < rows; r++) {
-#ifdef _OPENMP
-        float *e = work + (int64_t)omp_get_thread_num() * n_keys;
-#else
-        float *e = work;
-#endif
+        float *e = scratch(work, n_keys);
         const float *s = S + r * ld_s;
         uint16_t *p = P + r * ld_p;
-        int64_t seen = t0 + r / G + 1;            /* keys 0 .. seen - 1 */
-        if (seen > n_keys)
-            seen = n_keys;
+        int64_t seen = keys_seen(r, G, t0, n_keys);
         vec vm = splat(-INFINITY);
         for (int64_t j = 0; j < seen; j += VW)
             vm = MASKED_MAX(vm, load(s + j, tail(seen - j)), tail(seen - j));
@@ -63,16 +75,10 @@ void attention_softmax_backward(const float *S, int64_t ld_s, const float *dP, i
 {
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t r = 0; r < rows; r++) {
-#ifdef _OPENMP
-        float *e = work + (int64_t)omp_get_thread_num() * n_keys;
-#else
-        float *e = work;
-#endif
+        float *e = scratch(work, n_keys);
         const float *s = S + r * ld_s, *dp = dP + r * ld_dp;
         uint16_t *p = P + r * ld_out, *ds = dS + r * ld_out;
-        int64_t seen = t0 + r / G + 1;
-        if (seen > n_keys)
-            seen = n_keys;
+        int64_t seen = keys_seen(r, G, t0, n_keys);
         vec l = splat(lse[r]), sc = splat(scale), vd = splat(0.0f);
         for (int64_t j = 0; j < seen; j += VW) {
             lanes t = tail(seen - j);
