@@ -2,10 +2,10 @@
 
 A kernel is one .c file beside its Python module (plain C, no Python or torch headers). It is compiled with the
 system's C compiler (`$CC`, default `cc`) into the cache folder (`<cache>/kernels/<stem>-<key>.so`), where the key
-hashes the source (and the headers beside it), the compiler's version, the flags and the CPU's instruction sets, so that an edited kernel, a new
-compiler or another CPU sharing the cache gets its own library. Flags are tried in order: the CPU's own instruction
-sets (-march=native) with OpenMP, then without it (a compiler with no OpenMP runtime), then plain C with and
-without OpenMP. Building is atomic (temp file + rename), and a cached library that
+hashes the source (and the headers beside it), the compiler's version, the flags and the CPU's instruction sets, so
+that an edited kernel, a new compiler or another CPU sharing the cache gets its own library. Flags are tried in
+order: the CPU's own instruction sets (-march=native) with OpenMP, then without it (a compiler with no OpenMP
+runtime), then plain C with and without OpenMP. Building is atomic (temp file + rename), and a cached library that
 does not load (truncated, say) is built again.
 
 `CKernel(...).library()` gives the loaded library, or None where it cannot be built: the caller then takes its

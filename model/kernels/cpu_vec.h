@@ -1,7 +1,7 @@
-/* Shared by our CPU C kernels (attention_cpu.c, swiglu_cpu.c, cross_entropy_cpu.c, dropout.c): float32 <-> bf16 and exp, one float at a time and,
- * on AVX-512, 16 at a time with masked loads and stores for a row's tail. Included, not compiled on its own
- * (_cbuild.py keys a library on the headers beside its source too). bf16 is the top half of a float32, rounded to
- * nearest even (NaN -> 0x7fc0), as PyTorch rounds.
+/* Shared by our CPU C kernels (attention_cpu.c, swiglu_cpu.c, cross_entropy_cpu.c, dropout.c): float32 <-> bf16
+ * and exp, one float at a time and, on AVX-512, 16 at a time with masked loads and stores for a row's tail.
+ * Included, not compiled on its own (_cbuild.py keys a library on the headers beside its source too). bf16 is the
+ * top half of a float32, rounded to nearest even (NaN -> 0x7fc0), as PyTorch rounds.
  */
 #ifndef MINICURIE_CPU_VEC_H
 #define MINICURIE_CPU_VEC_H
@@ -30,7 +30,8 @@ static inline uint16_t to_bf16(float f)
 /* exp(x) for x <= 0 (every argument here is a score minus its row's maximum or log-sum): 2^n e^f with
  * f = x - n ln 2 in [-ln2/2, ln2/2] and e^f from its Taylor series to f^8 (truncation < 1e-9, below float32's
  * resolution); arithmetic only, so the loops vectorise. Arguments below -87 give 0 (the AVX-512 version below: the
- * float32 denormals down to about -103, then 0), and NaN gives NaN, so that a NaN score or logit shows in the result. */
+ * float32 denormals down to about -103, then 0), and NaN gives NaN, so that a NaN score or logit shows in the
+ * result. */
 static inline float exp_nonpositive(float x)
 {
     const float log2e = 1.44269504088896341f, ln2_hi = 0.693145751953125f, ln2_lo = 1.428606765330187e-06f;
