@@ -168,6 +168,7 @@ class _DropoutThenA(torch.autograd.Function):
         return u
 
     @staticmethod
+    @torch.autograd.function.once_differentiable   # (no double backward: its graph would not include the mask)
     def backward(ctx, du: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, lora_A, keep = ctx.saved_tensors
         p, seed = ctx.p, ctx.seed

@@ -124,7 +124,36 @@ def test_dropout_path_matches_float64_with_the_same_mask(p, dtype):
         torch.testing.assert_close(ours.double(), exact, atol=5e-5, rtol=1e-5)
 
 
-def test_dropout_gradients_are_the_same_under_activation_checkpointing():
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_dropout_path_under_bf16_autocast_uses_one_mask_throughout(x_dtype):
+    # Training's common case: float32 (or bf16) activations, bf16 products. The base is zero, so y, dx and dA are
+    # the adapter's alone, and a mask that differed between the forward and either backward product would show as
+    # errors of the size of the values themselves, far above bf16's rounding.
+    p = 0.5
+    lora = LoRALinear(nn.Linear(48, 40, bias=False), r=4, alpha=8, dropout=p).train()
+    with torch.no_grad():
+        lora.base.weight.zero_()
+        lora.lora_B.normal_()
+    x = torch.randn(3, 5, 48).to(x_dtype).requires_grad_()
+    dy = torch.randn(3, 5, 40)
+    torch.manual_seed(321)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora(x)
+    y.backward(dy.to(y.dtype))
+    torch.manual_seed(321)
+    keep = D.keep_mask(D.draw_seed(), x.shape, p) if D.seeded(x, torch.bfloat16) else D.random_mask(x, p)
+    d = lambda t: t.detach().double().requires_grad_()  # noqa: E731
+    x64, a64, b64 = d(x), d(lora.lora_A), d(lora.lora_B)
+    y64 = 2 * ((x64 * keep / (1 - p)) @ a64.T) @ b64.T
+    y64.backward(dy.double())
+    for name, ours, exact in [("y", y, y64), ("dx", x.grad, x64.grad), ("dA", lora.lora_A.grad, a64.grad),
+                              ("dB", lora.lora_B.grad, b64.grad)]:
+        scale = exact.abs().max().item()
+        torch.testing.assert_close(ours.double(), exact, atol=2**-6 * scale, rtol=2**-6, msg=name)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_dropout_gradients_are_the_same_under_activation_checkpointing(autocast):
     # A checkpointed block recomputes its forward in the backward; the recomputed dropout must draw the same seeds
     # (torch.utils.checkpoint restores the RNG state), or the LoRA gradients would differ.
     from model import ModelArgs, Transformer
@@ -142,7 +171,8 @@ def test_dropout_gradients_are_the_same_under_activation_checkpointing():
         model.gradient_checkpointing = checkpointing
         model.zero_grad(set_to_none=True)
         torch.manual_seed(5)
-        loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
         loss.backward()
         results.append([loss.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
     for a, b in zip(*results):

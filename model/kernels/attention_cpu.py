@@ -23,9 +23,11 @@ positions [t0, t1) is a block of rows and a single product serves all G heads.
         dK_blk = dS[:, blk]^T Q, dV_blk = P[:, blk]^T dO      per key block, over the queries that see it
 
 Arithmetic: the scores and dP are float32 sums of exact products of bf16 values, the softmax float32, P and dS
-rounded to bf16 for the products that follow, every sum in float32, outputs rounded once to bf16: what SDPA's CPU
-kernel does with bf16 inputs. tests/test_cpu_kernels.py checks forward and gradients against float64 and
-against SDPA's own error. Only whole-sequence causal attention without a binding sliding window, bf16 q/k/v, CPU,
+rounded to bf16 for the products that follow, every sum in float32, outputs rounded once to bf16. SDPA's CPU kernel
+rounds the same kinds of operands, but its unnormalised exponentials rather than P: its output is a little more
+accurate (ours is within u (sum_j P_j |v_j| + |o|), u = 2^-8, which the tests check row by row, and its largest
+error 1.3-1.6x SDPA's). tests/test_cpu_kernels.py checks forward and gradients against float64 and against SDPA's
+own error. Only whole-sequence causal attention without a binding sliding window, bf16 q/k/v, CPU,
 eager mode; `supports` says when, and kernels.attention sends everything else to SDPA.
 
 Memory: saved for the backward are q, k, v and lse (SDPA also keeps its output); the products' float32 blocks are
@@ -70,11 +72,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: 
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         return False
     t, h, hkv, d = q.shape[-2], q.shape[1], k.shape[1], q.shape[-1]
-    if hkv == 0 or h % hkv or d == 0 or t == 0 or k.shape[-2] != t:
+    if h == 0 or hkv == 0 or h % hkv or d == 0 or t == 0 or k.shape[-2] != t:
         return False
     if t > MAX_BACKWARD_T and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return False
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+    return (all(x.device.type == "cpu" for x in (q, k, v)) and q.dtype == k.dtype == v.dtype == torch.bfloat16
             and (sliding_window is None or sliding_window >= t) and current_mode() != "reference"
             and eager_only() and all(type(x) in (torch.Tensor, torch.nn.Parameter) for x in (q, k, v))
             and KERNEL.library() is not None)
@@ -83,7 +85,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: 
 def _rows(x: torch.Tensor, g: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, H, T, D] -> [B, Hkv, T*G, D] in `dtype`, row t*G + g holding query head (kv * G + g) at position t."""
     b, h, t, d = x.shape
-    out = torch.empty(b, h // g, t, g, d, dtype=dtype)
+    out = torch.empty(b, h // g, t, g, d, dtype=dtype, device="cpu")
     out.copy_(x.view(b, h // g, g, t, d).transpose(2, 3))
     return out.view(b, h // g, t * g, d)
 
@@ -93,7 +95,7 @@ def _heads(x: torch.Tensor, g: int) -> torch.Tensor:
     without a copy). A tensor of its own, not a view: autograd forbids in-place changes to a view a Function returns."""
     b, hkv, tg, d = x.shape
     t, h = tg // g, hkv * g
-    out = torch.empty_strided((b, h, t, d), (t * h * d, d, h * d, 1), dtype=x.dtype)
+    out = torch.empty_strided((b, h, t, d), (t * h * d, d, h * d, 1), dtype=x.dtype, device="cpu")
     out.transpose(1, 2).view(b, t, hkv, g, d).copy_(x.view(b, hkv, t, g, d).transpose(1, 2))
     return out
 
@@ -117,15 +119,15 @@ class _CPUAttention(torch.autograd.Function):
         lib, threads = KERNEL.library(), torch.get_num_threads()
         q32, k32 = _rows(q, g, torch.float32), k.float().contiguous()
         vc = v.contiguous()
-        o = torch.empty(b, hkv, t * g, d, dtype=torch.bfloat16)
-        lse = torch.empty(b, hkv, t * g, dtype=torch.float32)
-        work = torch.empty(threads, t, dtype=torch.float32)
+        o = torch.empty(b, hkv, t * g, d, dtype=torch.bfloat16, device="cpu")   # (not the default device)
+        lse = torch.empty(b, hkv, t * g, dtype=torch.float32, device="cpu")
+        work = torch.empty(threads, t, dtype=torch.float32, device="cpu")
         for bi in range(b):
             for hi in range(hkv):
                 for t0, t1 in _blocks(t):
                     rows = slice(t0 * g, t1 * g)
                     s = matmul_nt(q32[bi, hi, rows], k32[bi, hi, :t1])                    # [rows, t1] float32
-                    p = torch.empty(s.shape, dtype=torch.bfloat16)
+                    p = torch.empty(s.shape, dtype=torch.bfloat16, device="cpu")
                     lib.attention_softmax_forward(s.data_ptr(), s.stride(0), p.data_ptr(), p.stride(0),
                                                   lse[bi, hi, rows].data_ptr(), s.shape[0], t1, g, t0, scale,
                                                   work.data_ptr(), threads)
@@ -152,12 +154,13 @@ class _CPUAttention(torch.autograd.Function):
         do32 = do16.float()
         q32, k32, v32 = _rows(q, g, torch.float32), k.float().contiguous(), v.float().contiguous()
         q16, k16 = q32.to(torch.bfloat16), k.contiguous()
-        dq = torch.empty(b, hkv, t * g, d, dtype=torch.bfloat16)
-        dk = torch.empty(b, hkv, t, d, dtype=torch.bfloat16)
-        dv = torch.empty(b, hkv, t, d, dtype=torch.bfloat16)
-        p = torch.empty(t * g, t, dtype=torch.bfloat16)        # one (sequence, KV head) at a time
-        work = torch.empty(threads, t, dtype=torch.float32)
-        ds = torch.empty(t * g, t, dtype=torch.bfloat16)
+        cpu = {"device": "cpu"}
+        dq = torch.empty(b, hkv, t * g, d, dtype=torch.bfloat16, **cpu)
+        dk = torch.empty(b, hkv, t, d, dtype=torch.bfloat16, **cpu)
+        dv = torch.empty(b, hkv, t, d, dtype=torch.bfloat16, **cpu)
+        p = torch.empty(t * g, t, dtype=torch.bfloat16, **cpu)        # one (sequence, KV head) at a time
+        work = torch.empty(threads, t, dtype=torch.float32, **cpu)
+        ds = torch.empty(t * g, t, dtype=torch.bfloat16, **cpu)
         for bi in range(b):
             for hi in range(hkv):
                 for t0, t1 in _blocks(t):

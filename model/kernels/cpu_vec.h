@@ -35,8 +35,8 @@ static inline uint16_t to_bf16(float f)
 static inline float exp_nonpositive(float x)
 {
     const float log2e = 1.44269504088896341f, ln2_hi = 0.693145751953125f, ln2_lo = 1.428606765330187e-06f;
-    if (x != x)
-        return x;
+    if (x != x || x > 88.0f)   /* NaN stays NaN; above 88 (no caller's argument) overflows to inf */
+        return x != x ? x : INFINITY;
     float xc = x < -87.0f ? -87.0f : x;
     float n = floorf(xc * log2e + 0.5f);
     float f = (xc - n * ln2_hi) - n * ln2_lo;

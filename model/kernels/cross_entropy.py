@@ -147,7 +147,7 @@ def _chunk_step_cpu(logits: torch.Tensor, targets: torch.Tensor, ignore_index: i
     if bad.any():
         raise IndexError(f"cross-entropy target {int(targets[bad][0])} is out of range for a vocabulary of "
                          f"{vocab_size} (ignore_index {ignore_index})")
-    loss = torch.empty(n_rows, dtype=torch.float32)
+    loss = torch.empty(n_rows, dtype=torch.float32, device="cpu")
     lib.cross_entropy_chunk_bf16(logits.data_ptr(), n_rows, vocab_size, targets.data_ptr(), ignore_index,
                                  label_smoothing, loss.data_ptr(), int(write_grad), torch.get_num_threads())
     return loss

@@ -34,7 +34,8 @@ void cross_entropy_chunk_bf16(uint16_t *logits, int64_t rows, int64_t V, const i
         }
         float lse = m + logf(HSUM(vs));
         float zt = kept ? from_bf16(z[target]) : 0.0f;
-        loss[r] = kept ? (1.0f - eps) * (lse - zt) + eps * (lse - HSUM(vz) / (float)V) : 0.0f;
+        float nll = lse - zt;   /* the smoothing term only when asked for: 0 * inf (a -inf logit) would be NaN */
+        loss[r] = !kept ? 0.0f : eps == 0.0f ? nll : (1.0f - eps) * nll + eps * (lse - HSUM(vz) / (float)V);
         if (!write_grad)
             continue;
         if (!kept) {

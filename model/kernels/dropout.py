@@ -111,9 +111,11 @@ def random_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def apply_mask(t: torch.Tensor, keep: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """Inverted dropout of t with a stored mask, in `dtype`: kept elements scaled by 1 / (1 - p), the others zero."""
-    out = (t * keep).to(dtype)
-    return out.mul_(1.0 / (1.0 - p)) if p < 1 else out.zero_()
+    """Inverted dropout of t with a stored mask, in `dtype`: kept elements scaled by 1 / (1 - p), the others zero;
+    scaled in t's precision and rounded once to `dtype`, as the seeded path and nn.Dropout under autocast do."""
+    out = t * keep
+    out = out.mul_(1.0 / (1.0 - p)) if p < 1 else out.zero_()
+    return out.to(dtype)
 
 
 def _takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
