@@ -76,8 +76,8 @@ KERNEL = CKernel(Path(__file__).with_name("swiglu_cpu.c"), _open, "SwiGLU")
 
 
 def _c_kernel_takes(gate: torch.Tensor, up: torch.Tensor) -> bool:
-    return (gate.device.type == up.device.type == "cpu" and gate.dtype == up.dtype == torch.bfloat16 and gate.shape == up.shape
-            and gate.numel() > 0 and current_mode() != "reference" and eager_only()
+    return (gate.device.type == up.device.type == "cpu" and gate.dtype == up.dtype == torch.bfloat16
+            and gate.shape == up.shape and gate.numel() > 0 and current_mode() != "reference" and eager_only()
             and type(gate) in (torch.Tensor, torch.nn.Parameter) and type(up) in (torch.Tensor, torch.nn.Parameter)
             and KERNEL.library() is not None)
 
