@@ -334,3 +334,41 @@ def test_attention_refuses_tensors_off_the_cpu_and_allocates_on_it(path):
     with torch.device("meta"):
         out = attention_cpu.attention_cpu(q, k, v)
     assert out.device.type == "cpu" and torch.equal(out, expected)
+
+
+def test_a_bf16_lora_step_reaches_every_kernel(path):
+    # The wiring: a LoRA step under bf16 autocast on the CPU goes through each C kernel, forward and backward, so
+    # the speed bench/lora_train.py and bench/cpu_kernels.py measure is the code these tests check.
+    import lora
+    from model import ModelArgs, Transformer
+    from model.kernels import dropout
+
+    class Counting:
+        def __init__(self, lib):
+            self.lib, self.calls = lib, set()
+
+        def __getattr__(self, name):
+            self.calls.add(name)
+            return getattr(self.lib, name)
+    modules = {**MODULES, "dropout": dropout}
+    saved = {name: (m.KERNEL.lib, m.KERNEL.tried) for name, m in modules.items()}
+    counters = {name: Counting(m.KERNEL.library()) for name, m in modules.items()}
+    try:
+        for name, m in modules.items():
+            m.KERNEL.lib, m.KERNEL.tried = counters[name], True
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96,
+                                      vocab_size=128, sliding_window=None))
+        lora.inject_lora(model, lora.LoRAConfig(r=4, alpha=8, dropout=0.1))
+        model.train()
+        tokens = torch.randint(0, 128, (2, 17))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+        loss.backward()
+    finally:
+        for name, m in modules.items():
+            m.KERNEL.lib, m.KERNEL.tried = saved[name]
+    assert counters["attention"].calls == {"attention_softmax_forward", "attention_softmax_backward"}
+    assert counters["swiglu"].calls == {"swiglu_forward", "swiglu_backward"}
+    assert counters["cross_entropy"].calls == {"cross_entropy_chunk_bf16"}
+    assert counters["dropout"].calls == {"dropout_apply"}
