@@ -100,6 +100,11 @@ def _heads(x: torch.Tensor, g: int) -> torch.Tensor:
     return out
 
 
+def _dense(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`, contiguous, in one copy (x.float().contiguous() of a transposed view makes two)."""
+    return x.to(dtype, memory_format=torch.contiguous_format)
+
+
 def _blocks(t: int) -> list[tuple[int, int]]:
     return [(t0, min(t, t0 + BLOCK)) for t0 in range(0, t, BLOCK)]
 
@@ -117,7 +122,7 @@ class _CPUAttention(torch.autograd.Function):
         g = h // hkv
         scale = d ** -0.5
         lib, threads = KERNEL.library(), torch.get_num_threads()
-        q32, k32 = _rows(q, g, torch.float32), k.float().contiguous()
+        q32, k32 = _rows(q, g, torch.float32), _dense(k, torch.float32)
         vc = v.contiguous()
         o = torch.empty(b, hkv, t * g, d, dtype=torch.bfloat16, device="cpu")   # (not the default device)
         lse = torch.empty(b, hkv, t * g, dtype=torch.float32, device="cpu")
@@ -152,7 +157,7 @@ class _CPUAttention(torch.autograd.Function):
         lib, threads = KERNEL.library(), torch.get_num_threads()
         do16 = _rows(do, g, torch.bfloat16)
         do32 = do16.float()
-        q32, k32, v32 = _rows(q, g, torch.float32), k.float().contiguous(), v.float().contiguous()
+        q32, k32, v32 = _rows(q, g, torch.float32), _dense(k, torch.float32), _dense(v, torch.float32)
         q16, k16 = q32.to(torch.bfloat16), k.contiguous()
         cpu = {"device": "cpu"}
         dq = torch.empty(b, hkv, t * g, d, dtype=torch.bfloat16, **cpu)
