@@ -110,8 +110,8 @@ def kernel_path(request, tmp_path_factory):
 
 
 def run_kernel(lib, x: torch.Tensor, blocks: gguf_blocks.Blocks, threads: int = 1) -> torch.Tensor:
-    saved = gguf_blocks._lib, gguf_blocks._lib_tried
-    gguf_blocks._lib, gguf_blocks._lib_tried = lib, True
+    saved = gguf_blocks.KERNEL.lib, gguf_blocks.KERNEL.tried
+    gguf_blocks.KERNEL.lib, gguf_blocks.KERNEL.tried = lib, True
     try:
         with torch.no_grad():
             prev = torch.get_num_threads()
@@ -121,7 +121,7 @@ def run_kernel(lib, x: torch.Tensor, blocks: gguf_blocks.Blocks, threads: int = 
             finally:
                 torch.set_num_threads(prev)
     finally:
-        gguf_blocks._lib, gguf_blocks._lib_tried = saved
+        gguf_blocks.KERNEL.lib, gguf_blocks.KERNEL.tried = saved
 
 
 @pytest.mark.parametrize("type_name", TYPES)
@@ -317,8 +317,8 @@ def test_swapping_parameters_on_conversion_still_works(tmp_path):
 @needs_cc
 def test_a_cached_library_that_does_not_load_is_built_again(tmp_path, monkeypatch):
     monkeypatch.setenv("MINICURIE_CACHE", str(tmp_path))
-    monkeypatch.setattr(gguf_blocks, "_lib", None)
-    monkeypatch.setattr(gguf_blocks, "_lib_tried", False)
+    monkeypatch.setattr(gguf_blocks.KERNEL, "lib", None)
+    monkeypatch.setattr(gguf_blocks.KERNEL, "tried", False)
     assert gguf_blocks.library() is not None
     (built,) = (tmp_path / "kernels").glob("gguf_blocks-*.so")
     assert built.stat().st_mode & 0o044 == 0o044 & ~current_umask()     # readable by others, as the umask allows
@@ -432,8 +432,8 @@ def test_without_a_compiler_the_model_loads_float32_only(tmp_path, monkeypatch):
     path = quantised_gguf(tmp_path / "tiny.gguf", tied=True)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("MINICURIE_CACHE", str(tmp_path / "cache"))          # no library built earlier
-    monkeypatch.setattr(gguf_blocks, "_lib", None)
-    monkeypatch.setattr(gguf_blocks, "_lib_tried", False)
+    monkeypatch.setattr(gguf_blocks.KERNEL, "lib", None)
+    monkeypatch.setattr(gguf_blocks.KERNEL, "tried", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, _ = load(path, require_tokenizer=False)

@@ -24,6 +24,11 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from model.kernels._switch import current_mode
+from model.kernels.matmul import eager_only
+
 BUILD_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3", "-fopenmp"], ["-O3"])
 
 
@@ -109,8 +114,11 @@ def build(source: Path, opener: Callable[[Path], ctypes.CDLL], flag_sets=BUILD_F
 class CKernel:
     """One C kernel, built and loaded on first use (thread-safe), or None for good if it cannot be."""
 
-    def __init__(self, source: Path, opener: Callable[[Path], ctypes.CDLL], what: str):
-        self.source, self.opener, self.what = source, opener, what
+    def __init__(self, source: Path, opener: Callable[[Path], ctypes.CDLL], what: str, unavailable: str = ""):
+        """`unavailable`: the warning where it cannot be built (default "<what>: C kernel unavailable, using
+        PyTorch instead"), followed by the reason."""
+        self.source, self.opener = source, opener
+        self.unavailable = unavailable or f"{what}: C kernel unavailable, using PyTorch instead"
         self.lib: ctypes.CDLL | None = None
         self.tried = False
         self._lock = threading.Lock()
@@ -123,6 +131,14 @@ class CKernel:
                 try:
                     self.lib = build(self.source, self.opener)
                 except Exception as e:   # no compiler, read-only cache, ...: the caller's PyTorch path runs
-                    warnings.warn(f"{self.what}: C kernel unavailable, using PyTorch instead ({e})")
+                    warnings.warn(f"{self.unavailable} ({e})")
                 self.tried = True
         return self.lib
+
+
+def plain_cpu_tensors(*tensors: torch.Tensor) -> bool:
+    """May a C function read these tensors' memory? Plain tensors (or Parameters) on the CPU, in eager mode (no
+    torch.func transform, forward-mode AD or torch.compile trace, whose tensors are wrappers or fakes), and the
+    kernel switch not set to "reference" (MINICURIE_KERNELS), which turns every C path off."""
+    return (all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" for t in tensors)
+            and current_mode() != "reference" and eager_only())

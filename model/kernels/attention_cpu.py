@@ -41,9 +41,8 @@ from pathlib import Path
 
 import torch
 
-from model.kernels._cbuild import CKernel
-from model.kernels._switch import current_mode
-from model.kernels.matmul import eager_only, matmul_nt
+from model.kernels._cbuild import CKernel, plain_cpu_tensors
+from model.kernels.matmul import matmul_nt
 
 BLOCK = 128   # query positions per block: smaller skips more of the causal triangle, larger makes fewer calls
 # The backward holds P and dS of one (sequence, KV head) whole, 2 * 2 * G * T^2 bytes (50 MB at T = 2048, G = 3);
@@ -76,10 +75,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: 
         return False
     if t > MAX_BACKWARD_T and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return False
-    return (all(x.device.type == "cpu" for x in (q, k, v)) and q.dtype == k.dtype == v.dtype == torch.bfloat16
-            and (sliding_window is None or sliding_window >= t) and current_mode() != "reference"
-            and eager_only() and all(type(x) in (torch.Tensor, torch.nn.Parameter) for x in (q, k, v))
-            and KERNEL.library() is not None)
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and (sliding_window is None or sliding_window >= t)
+            and plain_cpu_tensors(q, k, v) and KERNEL.library() is not None)
 
 
 def _rows(x: torch.Tensor, g: int, dtype: torch.dtype) -> torch.Tensor:

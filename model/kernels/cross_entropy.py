@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.kernels._cbuild import CKernel
-from model.kernels._switch import current_mode, jit, tl, triton
-from model.kernels.matmul import eager_only, matmul_nt
+from model.kernels._cbuild import CKernel, plain_cpu_tensors
+from model.kernels._switch import jit, tl, triton
+from model.kernels.matmul import matmul_nt
 
 
 def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -136,9 +136,8 @@ KERNEL = CKernel(Path(__file__).with_name("cross_entropy_cpu.c"), _open, "cross-
 def _chunk_step_cpu(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
                     write_grad: bool) -> torch.Tensor:
     """_chunk_step_reference, through the C kernel for contiguous bf16 CPU logits (else the reference itself)."""
-    lib = KERNEL.library() if (logits.dtype == torch.bfloat16 and logits.device.type == "cpu" and logits.dim() == 2
-                               and logits.is_contiguous() and type(logits) is torch.Tensor
-                               and current_mode() != "reference" and eager_only()) else None
+    lib = KERNEL.library() if (logits.dtype == torch.bfloat16 and logits.dim() == 2 and logits.is_contiguous()
+                               and plain_cpu_tensors(logits)) else None
     if lib is None:
         return _chunk_step_reference(logits, targets, ignore_index, label_smoothing, write_grad)
     n_rows, vocab_size = logits.shape

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from model.kernels._cbuild import CKernel
-from model.kernels._switch import current_mode
+from model.kernels._cbuild import CKernel, plain_cpu_tensors
 
 _KINDS = {torch.float32: 0, torch.bfloat16: 1}   # the element types dropout.c reads and writes
 _MASK32 = 0xFFFFFFFF
@@ -119,11 +118,4 @@ def apply_mask(t: torch.Tensor, keep: torch.Tensor, p: float, dtype: torch.dtype
 
 
 def _takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    return (x.device.type == "cpu" and x.dtype in _KINDS and dtype in _KINDS and x.numel() > 0
-            and current_mode() != "reference" and not _traced(x))
-
-
-def _traced(x: torch.Tensor) -> bool:
-    """Tensors a C function cannot see through: torch.compile's fake tensors, torch.func's wrappers."""
-    from model.kernels.matmul import eager_only
-    return not eager_only() or type(x) not in (torch.Tensor, torch.nn.Parameter)
+    return x.dtype in _KINDS and dtype in _KINDS and x.numel() > 0 and plain_cpu_tensors(x)

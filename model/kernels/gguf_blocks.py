@@ -36,8 +36,6 @@ ctypes. Without a compiler, or with MINICURIE_KERNELS=reference, every product r
 from __future__ import annotations
 
 import ctypes
-import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,11 +134,6 @@ def reference_matmul(x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------- the kernel
 
-_lib: ctypes.CDLL | None = None
-_lib_tried = False
-_lib_lock = threading.Lock()
-
-
 def compile_library(flags: list[str], target: Path) -> str | None:
     """Compile gguf_blocks.c with `flags` into `target` (atomically). -> None, or the error (see _cbuild.py)."""
     return _cbuild.compile_library(_SOURCE, flags, target)
@@ -155,27 +148,13 @@ def open_library(path: Path) -> ctypes.CDLL:
     return lib
 
 
-BUILD_FLAGS = _cbuild.BUILD_FLAGS   # the CPU's own instruction sets (AVX-512 or AVX2 paths), then plain C
-
-
-def _build() -> ctypes.CDLL:
-    """Compile gguf_blocks.c into the cache folder (once per source, compiler, flags and CPU) and load it."""
-    return _cbuild.build(_SOURCE, open_library, BUILD_FLAGS)
+KERNEL = _cbuild.CKernel(_SOURCE, open_library, "GGUF block kernel",
+                         unavailable="GGUF block kernel unavailable, decoding from float32 weights instead")
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot be built (said once, as a warning)."""
-    global _lib, _lib_tried
-    if _lib_tried:   # every product asks: no lock once it is settled
-        return _lib
-    with _lib_lock:
-        if not _lib_tried:
-            try:
-                _lib = _build()
-            except Exception as e:   # no compiler, read-only cache, ...: products run on the float32 weights
-                warnings.warn(f"GGUF block kernel unavailable, decoding from float32 weights instead ({e})")
-            _lib_tried = True
-    return _lib
+    return KERNEL.library()
 
 
 def applies(x: torch.Tensor, blocks: Blocks | None, weight: torch.Tensor) -> bool:

@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.kernels._cbuild import CKernel
-from model.kernels._switch import current_mode, jit, tl, triton
-from model.kernels.matmul import eager_only
+from model.kernels._cbuild import CKernel, plain_cpu_tensors
+from model.kernels._switch import jit, tl, triton
 
 _BLOCK = 1024   # elements per program: a flat elementwise map, so any size that keeps the GPU's loads wide
 
@@ -76,10 +75,8 @@ KERNEL = CKernel(Path(__file__).with_name("swiglu_cpu.c"), _open, "SwiGLU")
 
 
 def _c_kernel_takes(gate: torch.Tensor, up: torch.Tensor) -> bool:
-    return (gate.device.type == up.device.type == "cpu" and gate.dtype == up.dtype == torch.bfloat16
-            and gate.shape == up.shape and gate.numel() > 0 and current_mode() != "reference" and eager_only()
-            and type(gate) in (torch.Tensor, torch.nn.Parameter) and type(up) in (torch.Tensor, torch.nn.Parameter)
-            and KERNEL.library() is not None)
+    return (gate.dtype == up.dtype == torch.bfloat16 and gate.shape == up.shape and gate.numel() > 0
+            and plain_cpu_tensors(gate, up) and KERNEL.library() is not None)
 
 
 class SwiGLUCPU(torch.autograd.Function):
