@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import train
+import training
 from model.args import ModelArgs
 from model.transformer import Transformer
 
@@ -271,3 +272,28 @@ def test_curie_style_run_nf4_bf16_checkpointing_neftune(workdir, monkeypatch):
     assert len(curve) == 6 and all(map(math.isfinite, curve))
     assert min(curve[-2:]) < curve[0]
     assert (out / "adapter" / "adapter.safetensors").exists()
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    # A write that dies half-way (a kill, a full disk) leaves the previous checkpoint whole under its name.
+    path = tmp_path / "checkpoint.pt"
+    training.atomic_torch_save({"step": 1, "w": torch.arange(1000.0)}, path)
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04" + bytes(100))   # the start of a file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space"):
+        training.atomic_torch_save({"step": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.arange(1000.0))
+    # The same for text files (config.json, summary.json, a rewritten metrics log).
+    text = tmp_path / "summary.json"
+    training.atomic_write_text(text, "old")
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: (open(self, "w").write("ne"), 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        training.atomic_write_text(text, "new")
+    assert text.read_text() == "old"
