@@ -118,7 +118,7 @@ MUTANTS = [
       [TRAIN + "test_kill_9_and_resume_reproduces_losses_bitwise"]),
     M("resume-metrics-duplicated", "exact resume: the metrics log keeps the records past the resumed step",
       [("training.py", 'if r.get("step", 0) <= resume_step:', "if True:")],
-      [TRAIN + "test_kill_9_and_resume_reproduces_losses_bitwise"]),
+      [TRAIN + "test_metrics_log_resumed_at_a_step_drops_the_records_after_it"]),
     M("checkpoint-written-in-place", "atomic checkpoints: written straight to their name, not to a temp file + rename",
       [("training.py", "    tmp = path.with_name(f\".{path.name}.tmp{os.getpid()}\")\n    with open(tmp, \"wb\") as f:",
         "    tmp = path\n    with open(tmp, \"wb\") as f:")],

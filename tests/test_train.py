@@ -297,3 +297,19 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(ZeroDivisionError):
         training.atomic_write_text(text, "new")
     assert text.read_text() == "old"
+
+
+def test_metrics_log_resumed_at_a_step_drops_the_records_after_it(tmp_path):
+    # A run killed after logging step 5 but checkpointing step 3 repeats steps 4 and 5 when resumed: their first
+    # records go, so that the log tells the run's story once. A fresh run (no resume step) starts an empty log.
+    path = tmp_path / "metrics.jsonl"
+    log = training.MetricsLog(path)
+    for step in range(1, 6):
+        log.log({"step": step, "loss": 1.0 / step})
+    lines = path.read_text().splitlines()
+    resumed = training.MetricsLog(path, resume_step=3)
+    assert [r["step"] for r in resumed.records] == [1, 2, 3]
+    assert path.read_text().splitlines() == lines[:3]
+    resumed.log({"step": 4, "loss": 0.0})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert training.MetricsLog(path).records == [] and path.read_text() == ""
