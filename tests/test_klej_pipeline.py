@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score
 from sklearn.utils.class_weight import compute_class_weight
 
 import training
