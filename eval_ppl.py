@@ -12,8 +12,9 @@ position predicts the token after it:
     window 0: inputs [0, ctx)                     scores targets 1 .. ctx          (what little context there is)
     window k: inputs [k*stride, k*stride + ctx)   scores only the targets window k-1 did not reach
 
-so every token but the first is scored exactly once (`tokens` in the results counts the scored ones); once past the first window a target has at least ctx - stride
-tokens of context, and no context ever crosses a document boundary. stride == ctx gives disjoint input chunks;
+so every token but the first is scored exactly once (`tokens` in the results counts the scored ones); once past
+the first window a target has at least ctx - stride tokens of context, and no context ever crosses a document
+boundary. stride == ctx gives disjoint input chunks;
 stride 1 gives every target a full window of ctx tokens. In the terms of transformers' strided-perplexity recipe
 (https://huggingface.co/docs/transformers/perplexity), `--ctx C --stride S` is its max_length = C + 1 and stride S:
 the model reads C tokens and C targets are scored. Perplexity is exp(total NLL / scored tokens). Bits per

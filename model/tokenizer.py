@@ -105,7 +105,8 @@ def _byte_alphabet() -> dict[int, str]:
 @functools.cache
 def _category_runs() -> dict[str, list[tuple[int, int]]]:
     """Every Unicode general category (e.g. "Lu", "Nd", "Zs") -> its code points as sorted (first, last) runs, plus
-    "space": whitespace as Oniguruma (the reference tokenizers' regex engine) has it: TAB..CR, NEL and the Z* categories.
+    "space": whitespace as Oniguruma (the reference tokenizers' regex engine) has it: TAB..CR, NEL and the Z*
+    categories.
 
     Python's `re` has no \\p{...}, and its \\s also takes U+001C..U+001F, which Oniguruma's \\s does not, so the
     classes are spelled out from `unicodedata`, once per process (~0.5 s).

@@ -22,7 +22,8 @@ pytest.importorskip("gguf")
 
 VARIED = TEXTS + [
     "Zażółć gęślą jaźń — 1234567 razy, 3,14159!", "liczby: 0 00 000 1 12 123 1234 12345 ½ ² ٣",
-    "tabs\t\tand    runs   of\n\n\n   spaces   ", "emoji 😀👍🏽🇵🇱 👨‍👩‍👧‍👦", "<|im_start|>system\nJesteś pomocny.<|im_end|>",
+    "tabs\t\tand    runs   of\n\n\n   spaces   ", "emoji 😀👍🏽🇵🇱 👨‍👩‍👧‍👦",
+    "<|im_start|>system\nJesteś pomocny.<|im_end|>",
     "text<|endoftext|>more text<|im_end|>", "<|im_start|><|im_start|>", "<think>nie</think>",
 ] + random_texts(200, seed=7)
 
