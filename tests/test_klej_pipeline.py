@@ -30,9 +30,10 @@ BASE = {"model": "tiny (random)", "adapter": None, "dtype": "float32", "quantize
 
 class ByteTokenizer:
     """UTF-8 bytes as ids; 1 and 2 (bytes that never occur in text) are BOS and EOS. Fits the 'tiny' vocab of 256."""
-    bos_id, eos_id, pad_id, vocab_size = 1, 2, None, 256
+    bos_id, eos_id, pad_id, vocab_size, add_bos, add_eos, stop_ids = 1, 2, None, 256, True, False, (2,)
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
+        bos, eos = self.add_bos if bos is None else bos, self.add_eos if eos is None else eos
         return [1] * bos + list(text.encode()) + [2] * eos
 
 
