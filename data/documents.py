@@ -47,9 +47,9 @@ def iter_documents(spec: str | Path) -> Iterator[str]:
     elif (path := Path(spec)).is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
         if not files:
-            raise ValueError(f"{path}: folder holds no {', '.join(SUFFIXES)} files")
+            raise ValueError(f"{path}: folder holds no .txt or .jsonl files (plain, .gz, .xz or .zst)")
         # An empty file among others holds no document and is skipped, like an empty line of a .jsonl file.
-        empty = f"{path}: no documents in its {len(files)} text files (all empty)"
+        empty = f"{path}: no documents in its {len(files)} .txt/.jsonl files (all empty)"
     elif path.exists():
         files = [path]
         empty = (f"{path}: empty file (no document)" if _kind(path)[0] == ".txt" else

@@ -9,8 +9,9 @@ Both give `encode(text, bos=None, eos=None) -> list[int]`, `decode(ids) -> str`,
 
 Each checkpoint says whether a text starts with BOS and ends with EOS, and we follow it as transformers and
 llama.cpp do: `add_bos` / `add_eos` come from the GGUF's `tokenizer.ggml.add_bos_token` / `add_eos_token`, from a
-Hugging Face folder's tokenizer_config.json (or, failing that, its tokenizer.json post-processor), and are True /
-False for Mistral's SentencePiece model. `encode(text)` follows them; `bos=True/False` (and `eos=`) overrides.
+tokenizer.json's post-processor template (transformers 5 ignores tokenizer_config.json's add_bos_token beside a
+tokenizer.json), and are True / False for Mistral's SentencePiece model unless a Hugging Face folder's
+tokenizer_config.json says otherwise. `encode(text)` follows them; `bos=True/False` (and `eos=`) overrides.
 SmolLM2's GGUF says add_bos_token = false: its id 1, `<|im_start|>`, is a chat token, not a document start.
 `stop_ids` are the ids generation stops at: generation_config.json's `eos_token_id` (an int or a list) where the
 folder has one, else (eos_id,).
@@ -208,7 +209,7 @@ CONTROL, USER_DEFINED = 3, 4  # GGUF token_type values of tokens matched whole i
 
 class ByteLevelBPETokenizer:
     """Byte-level BPE from a GGUF's `tokenizer.ggml.*` metadata (`tokenizer.ggml.model == "gpt2"`) or a Hugging Face
-    `tokenizer.json` (`from_tokenizer_json`).
+    `tokenizer.json` (`tokenizer_from_json`).
 
     pre: a name in PRE_TOKENIZERS (GGUF's `tokenizer.ggml.pre`), or the split patterns themselves (Python `re`),
     applied in turn. ignore_merges: a piece that is a token as a whole is that token, without merging up from bytes

@@ -111,3 +111,55 @@ def test_eval_ppl_equals_transformers_strided_perplexity(smollm2_gguf, smollm2_h
     # ...and with max_length 512 (one token less of context per window) within 0.1% still.
     ppl, n = strided_perplexity(hf, ids, 512, 256)
     assert n == result["tokens"] and result["perplexity"] == pytest.approx(ppl, rel=1e-3)
+
+
+def test_tokenizers_carry_their_checkpoint_conventions(smollm2_gguf, mistral_tokenizer_path, tmp_path):
+    from model.gguf import GGUFFile
+    from model.tokenizer import ByteLevelBPETokenizer, load_tokenizer
+    metadata = GGUFFile(smollm2_gguf).metadata
+    assert metadata["tokenizer.ggml.add_bos_token"] is False
+    smol = load_tokenizer(smollm2_gguf)
+    assert (smol.add_bos, smol.add_eos, smol.stop_ids) == (False, False, (smol.eos_id,))
+    assert smol.encode("Ala ma kota")[0] != smol.bos_id
+    assert smol.encode("Ala ma kota", bos=True) == [smol.bos_id] + smol.encode("Ala ma kota")
+    with_bos = ByteLevelBPETokenizer.from_metadata({**metadata, "tokenizer.ggml.add_bos_token": True,
+                                                    "tokenizer.ggml.add_eos_token": True})
+    assert with_bos.encode("Ala") == [smol.bos_id] + smol.encode("Ala") + [smol.eos_id]
+    assert with_bos.encode("Ala", bos=False, eos=False) == smol.encode("Ala")
+
+    mistral = load_tokenizer(mistral_tokenizer_path)
+    assert (mistral.add_bos, mistral.add_eos) == (True, False) and mistral.encode("Ala")[0] == mistral.bos_id
+    # A Hugging Face folder's settings apply to its tokenizer.model: add_bos_token, and stop ids from a list.
+    shutil.copy(mistral_tokenizer_path, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_eos_token": True}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 32]}))
+    folder = load_tokenizer(tmp_path)
+    assert (folder.add_bos, folder.add_eos, folder.stop_ids) == (False, True, (2, 32))
+    assert folder.encode("Ala") == mistral.encode("Ala", bos=False) + [2]
+
+
+def test_generation_stops_at_any_stop_id_and_klej_follows_add_bos():
+    from klej.templates import encode_example
+    from model import generate
+    from model.args import ModelArgs
+    from model.transformer import Transformer
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2,
+                                  vocab_size=64, sliding_window=None)).eval()
+    free = list(generate(model, [1, 5, 9], 12))
+    stop = free[4]
+    first = free.index(stop)
+    for draft_tokens in (0, 3):
+        assert list(generate(model, [1, 5, 9], 12, eos_id=[63 if stop != 63 else 62, stop],
+                             draft_tokens=draft_tokens)) == free[:first + 1]
+
+    class Chars:
+        bos_id, eos_id = 1, 2
+
+        def __init__(self, add_bos):
+            self.add_bos = add_bos
+
+        def encode(self, text, bos=None, eos=None):
+            return [1] * bool(self.add_bos if bos is None else bos) + [ord(c) for c in text]
+    assert encode_example(["text"], ["ab"], Chars(True), 16) == [1, 97, 98]
+    assert encode_example(["text"], ["ab"], Chars(False), 16) == [97, 98]
