@@ -98,14 +98,16 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     start = time.monotonic()
     try:
-        for i, (name, title, box_gpu, box_dry) in enumerate(chosen, 1):
-            box = (box_dry if a.dry_run else box_gpu) * budget / default_budget
+        boxes = [(s[3] if a.dry_run else s[2]) * budget / default_budget for s in chosen]
+        for i, (name, title, _, _) in enumerate(chosen, 1):
+            # A stage may use its own box plus whatever the stages before it left unused, never the later ones'.
             left = budget - (time.monotonic() - start)
-            limit = min(box, left)
+            limit = left - sum(boxes[i:])
             log = out / f"{i}-{name}.log"
             if limit < 5:
                 report["stages"][name] = {"title": title, "status": "skipped",
-                                          "notes": [f"not run: {left:.0f} s of the {budget:.0f} s budget left"]}
+                                          "notes": [f"not run: {max(limit, 0):.0f} s were left for it ({left:.0f} s "
+                                                    f"of the budget, the rest kept for the stages after it)"]}
             else:
                 print(f"[gpu_check] stage {i}/{len(chosen)} {name}: up to {limit:.0f} s, log {log}", flush=True)
                 report["stages"][name] = run_stage(name, title, work, log, limit, a.dry_run)
@@ -137,9 +139,14 @@ def run_stage(name: str, title: str, work: Path, log: Path, limit: float, dry_ru
             code = proc.wait(timeout=limit)
             status = "ok" if code == 0 else "failed"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             code, status = None, "timed out"
+        # Whatever of the stage is still running (the child at its limit, or a worker it left behind) would hold
+        # GPU memory into the next stage: end its whole process group.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
     seconds = time.monotonic() - t0
     _trim_log(log)
     try:
@@ -340,7 +347,8 @@ def stage_env(rec: Recorder, work: Path, deadline: float, dry_run: bool) -> None
     rows = rec.table("", ["what", "value"])
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        values.update(gpu=torch.cuda.get_device_name(0), capability=".".join(map(str, torch.cuda.get_device_capability())),
+        values.update(gpu=torch.cuda.get_device_name(0),
+                      capability=".".join(map(str, torch.cuda.get_device_capability())),
                       sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
                       cuda=torch.version.cuda)
         try:
@@ -404,7 +412,8 @@ def stage_correctness(rec: Recorder, work: Path, deadline: float, dry_run: bool)
              (" (dry run: a subset of the kernel tests)" if dry_run else "") + f". Command: `{' '.join(cmd[1:])}`.")
     env = dict(os.environ, TRITON_INTERPRET=interpret)
     lines: list[str] = []
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)         # its own group: a timeout ends the xdist workers too
     timed_out = False
     assert proc.stdout is not None
     import threading
@@ -419,7 +428,7 @@ def stage_correctness(rec: Recorder, work: Path, deadline: float, dry_run: bool)
         proc.wait(timeout=max(1.0, deadline - time.monotonic() - 2))
     except subprocess.TimeoutExpired:
         timed_out = True
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     reader.join(timeout=5)
     outcomes = _junit_outcomes(junit) if junit.exists() and not timed_out else _verbose_outcomes(lines)
@@ -606,19 +615,22 @@ def ensure_checkpoint(work: Path, args, device: str, rec: Recorder) -> Path:
     files = [f"model-{i + 1:05d}-of-{len(groups) + 1:05d}.safetensors" for i in range(len(groups) + 1)]
     for filename, layers in zip(files, groups + [None]):
         if layers is None:
-            tensors = {"model.embed_tokens.weight": rand(args.vocab_size, args.dim), "model.norm.weight": ones(args.dim),
-                       "lm_head.weight": rand(args.vocab_size, args.dim)}
+            tensors = {"model.embed_tokens.weight": rand(args.vocab_size, args.dim),
+                       "model.norm.weight": ones(args.dim), "lm_head.weight": rand(args.vocab_size, args.dim)}
         else:
             tensors = {}
             for i in layers:
                 pre = f"model.layers.{i}."
                 tensors.update({
-                    pre + "self_attn.q_proj.weight": rand(q, args.dim), pre + "self_attn.k_proj.weight": rand(kv, args.dim),
-                    pre + "self_attn.v_proj.weight": rand(kv, args.dim), pre + "self_attn.o_proj.weight": rand(args.dim, q),
+                    pre + "self_attn.q_proj.weight": rand(q, args.dim),
+                    pre + "self_attn.k_proj.weight": rand(kv, args.dim),
+                    pre + "self_attn.v_proj.weight": rand(kv, args.dim),
+                    pre + "self_attn.o_proj.weight": rand(args.dim, q),
                     pre + "mlp.gate_proj.weight": rand(args.hidden_dim, args.dim),
                     pre + "mlp.up_proj.weight": rand(args.hidden_dim, args.dim),
                     pre + "mlp.down_proj.weight": rand(args.dim, args.hidden_dim),
-                    pre + "input_layernorm.weight": ones(args.dim), pre + "post_attention_layernorm.weight": ones(args.dim)})
+                    pre + "input_layernorm.weight": ones(args.dim),
+                    pre + "post_attention_layernorm.weight": ones(args.dim)})
         save_file(tensors, str(folder / filename), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, filename))
         del tensors
@@ -720,6 +732,9 @@ def stage_qlora(rec: Recorder, work: Path, deadline: float, dry_run: bool) -> No
                  "4-bit quantisation"
                  + (" (a check of its code path only; no ratio is judged)" if dry_run else
                     "; the ratios below are then NOT the target's comparison"))
+    rec.note(f"One step: forward and loss under {'bf16 autocast' if not dry_run else 'float32'}, backward, AdamW on "
+             f"the adapters, on the same {micro_batch} x {seq_len} random tokens for both sides (one optimizer step "
+             f"per micro-batch: the paper's accumulation of 4 would spread AdamW's share, already small, further).")
     ckpt = ensure_checkpoint(work, args, device, rec)
     batch = torch.randint(0, args.vocab_size, (micro_batch, seq_len + 1),
                           generator=torch.Generator().manual_seed(0)).to(device)
@@ -770,6 +785,7 @@ def stage_qlora(rec: Recorder, work: Path, deadline: float, dry_run: bool) -> No
             others = sum(v for k, v in held.items() if k != side)
             s["peak"] = max(s["peak"], torch.cuda.max_memory_allocated() - others)
         held[side] += _allocated(device) - before  # AdamW's state appears at the first step
+        s["held"] = held[side]
         return seconds
 
     for side in ("ours", "theirs"):
@@ -783,19 +799,24 @@ def stage_qlora(rec: Recorder, work: Path, deadline: float, dry_run: bool) -> No
             first[side] = step(side)
         except Exception as e:    # noqa: BLE001
             rec.note(f"{side}: the first step failed: {type(e).__name__}: {str(e)[:500]}")
+            import gc
             import traceback
             traceback.print_exc()
             del sides[side]
-            held.pop(side, None)
-    for r in range(timed_steps):
-        slowest = max((max(s["seconds"], default=first[k]) for k, s in sides.items()), default=0)
-        if r and time.monotonic() + 2.5 * slowest * len(sides) > deadline:
-            rec.note(f"timed steps stopped after {r} per side (stage time limit)")
-            break
-        for side in sides:                            # alternated: ours, theirs, ours, theirs, ...
-            sides[side]["seconds"].append(step(side))
-        save_qlora(rec, sides, first, micro_batch, seq_len, device, dry_run, quantize_theirs, final=False)
-    save_qlora(rec, sides, first, micro_batch, seq_len, device, dry_run, quantize_theirs, final=True)
+            gc.collect()
+            # Whatever is still allocated beyond the other sides' holdings is the failed side's, for good.
+            held[side] = _allocated(device) - sum(v for k, v in held.items() if k != side)
+    try:
+        for r in range(timed_steps):
+            slowest = max((max(s["seconds"], default=first[k]) for k, s in sides.items()), default=0)
+            if r and time.monotonic() + 2.5 * slowest * len(sides) > deadline:
+                rec.note(f"timed steps stopped after {r} per side (stage time limit)")
+                break
+            for side in sides:                            # alternated: ours, theirs, ours, theirs, ...
+                sides[side]["seconds"].append(step(side))
+            save_qlora(rec, sides, first, micro_batch, seq_len, device, dry_run, quantize_theirs, final=False)
+    finally:    # the ratios of the steps taken, even if a later one failed
+        save_qlora(rec, sides, first, micro_batch, seq_len, device, dry_run, quantize_theirs, final=True)
 
 
 def save_qlora(rec: Recorder, sides: dict, first: dict, micro_batch: int, seq_len: int, device: str, dry_run: bool,
@@ -806,12 +827,14 @@ def save_qlora(rec: Recorder, sides: dict, first: dict, micro_batch: int, seq_le
              "theirs": "transformers + peft + bitsandbytes 4-bit" if quantize_theirs
              else "transformers + peft (no 4-bit base)"}
     rec.data["tables"] = [t for t in rec.data["tables"] if t["title"] != "Steps"]
-    rows = rec.table("Steps", ["side", "trainable parameters", "load s", "held GiB (weights, adapters, AdamW)",
+    rows = rec.table("Steps", ["side", "trainable parameters", "load s", "GiB held between steps (weights, "
+                               "adapters, AdamW)",
                                "first step s", "timed steps s", "tokens/s (median)", "peak GiB (steps)",
                                "loss, first step"])
     for k, s in sides.items():
-        rows.append([names[k], f"{s['trainable']:,}", f"{s['load_s']:.1f}", _gib(s["weights"]) if device == "cuda"
-                     else "n/a on CPU", f"{first.get(k, float('nan')):.2f}", " / ".join(f"{x:.3f}" for x in s["seconds"]),
+        rows.append([names[k], f"{s['trainable']:,}", f"{s['load_s']:.1f}",
+                     _gib(s.get("held", s["weights"])) if device == "cuda" else "n/a on CPU", f"{first.get(k, float('nan')):.2f}",
+                     " / ".join(f"{x:.3f}" for x in s["seconds"]),
                      f"{rate[k]:.0f}" if k in rate else "", _gib(s["peak"]) if device == "cuda" else "n/a on CPU",
                      f"{s['losses'][0]:.4f}" if s["losses"] else ""])
         rec.data["values"][k] = {"tokens_per_s": rate.get(k), "peak_bytes": s["peak"] if device == "cuda" else None,
@@ -857,7 +880,7 @@ def stage_decode(rec: Recorder, work: Path, deadline: float, dry_run: bool) -> N
     from model.generate import generate
     device = _device(dry_run)
     args = model_args(dry_run)
-    prompt_len, new_tokens, runs = (16, 8, 1) if dry_run else (128, 128, 3)
+    prompt_len, new_tokens, runs = (16, 8, 1) if dry_run else (128, 128, 2)
     ckpt = ensure_checkpoint(work, args, device, rec)
     prompt = torch.randint(3, args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
 
@@ -873,19 +896,33 @@ def stage_decode(rec: Recorder, work: Path, deadline: float, dry_run: bool) -> N
     ids = torch.tensor([prompt], device=device)
     outputs: dict[str, list[int]] = {}
 
-    def run_ours() -> None:
-        outputs["ours"] = list(generate(ours, prompt, max_new_tokens=new_tokens))
+    def run_ours(n: int = new_tokens) -> None:
+        outputs["ours"] = list(generate(ours, prompt, max_new_tokens=n))
 
-    def run_theirs() -> None:
+    def run_theirs(n: int = new_tokens) -> None:
         with torch.no_grad():
-            out = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            out = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=0)
         outputs["theirs"] = out[0, prompt_len:].tolist()
 
     fns = {"ours": run_ours, "theirs": run_theirs}
     seconds: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():                          # warm-up: kernels compiled, caches allocated
-        fn()
+    rows = rec.table("", ["side", "load s", "runs s", "new tokens/s (median, prefill included)"])
+    rec.note(f"{rec.data['values']['dtype']} weights on both sides, loaded in {load_ours:.1f} s (ours) and "
+             f"{load_theirs:.1f} s (transformers); a prompt of {prompt_len} random token ids, {new_tokens} new tokens, "
+             f"greedy, runs alternated after a short warm-up of each.")
+
+    def report() -> None:
+        rate = {k: new_tokens / statistics.median(v) for k, v in seconds.items() if v}
+        rows[:] = [[name, f"{load:.1f}", " / ".join(f"{x:.3f}" for x in seconds[k]),
+                    f"{rate[k]:.1f}" if k in rate else ""]
+                   for k, name, load in (("ours", "ours (model.generate, rolling KV cache)", load_ours),
+                                         ("theirs", "transformers generate(do_sample=False)", load_theirs))]
+        rec.data["values"].update(tokens_per_s=rate, prompt_tokens=prompt_len, new_tokens=new_tokens)
+        rec.save()
+
+    for fn in fns.values():                          # warm-up: kernels compiled, prefill and decode steps run
+        fn(min(8, new_tokens))
     for r in range(runs):
         if r and time.monotonic() + 2.5 * sum(max(v) for v in seconds.values()) > deadline:
             rec.note(f"timed runs stopped after {r} per side (stage time limit)")
@@ -896,20 +933,14 @@ def stage_decode(rec: Recorder, work: Path, deadline: float, dry_run: bool) -> N
             fn()
             _sync(device)
             seconds[k].append(time.perf_counter() - t0)
-    rate = {k: new_tokens / statistics.median(v) for k, v in seconds.items()}
+        report()
+    rate = rec.data["values"]["tokens_per_s"]
     agree = next((i for i, (a, b) in enumerate(zip(outputs["ours"], outputs["theirs"])) if a != b),
                  min(len(outputs["ours"]), len(outputs["theirs"])))
-    rows = rec.table("", ["side", "load s", "runs s", "new tokens/s (median, prefill included)"])
-    rows.append(["ours (model.generate, rolling KV cache)", f"{load_ours:.1f}",
-                 " / ".join(f"{x:.3f}" for x in seconds["ours"]), f"{rate['ours']:.1f}"])
-    rows.append(["transformers generate(do_sample=False)", f"{load_theirs:.1f}",
-                 " / ".join(f"{x:.3f}" for x in seconds["theirs"]), f"{rate['theirs']:.1f}"])
-    rec.data["values"].update(tokens_per_s=rate, prompt_tokens=prompt_len, new_tokens=new_tokens,
-                              agreeing_prefix=agree)
-    rec.note(f"{rec.data['values']['dtype']} weights on both sides. "
-             f"Prompt of {prompt_len} random token ids, {new_tokens} new tokens, greedy; ours / transformers: "
-             f"{rate['ours'] / rate['theirs']:.2f}x. The two greedy sequences agree on their first {agree} of "
-             f"{new_tokens} tokens (random weights, bf16: near-ties can flip a token). No target is set for decoding.")
+    rec.data["values"]["agreeing_prefix"] = agree
+    rec.note(f"Ours / transformers: {rate['ours'] / rate['theirs']:.2f}x. The two greedy sequences agree on their "
+             f"first {agree} of {new_tokens} tokens (random weights: a near-tie can flip a token, and everything "
+             f"after it). No target is set for decoding.")
 
 
 if __name__ == "__main__":
