@@ -131,6 +131,10 @@ def run_stage(name: str, title: str, work: Path, log: Path, limit: float, dry_ru
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--work", str(work),
            "--deadline", f"{deadline:.3f}"] + (["--dry-run"] if dry_run else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if dry_run:
+        # One thread: the dry run's ops are tiny, and on a shared machine each OpenMP barrier waits for a core that
+        # another process holds (20x slower steps were seen with two threads under load).
+        env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.monotonic()
     with open(log, "wb") as f:
         # A session of its own, so that a timeout kills the stage's whole process group (pytest workers, compilers).
@@ -719,14 +723,14 @@ def stage_qlora(rec: Recorder, work: Path, deadline: float, dry_run: bool) -> No
     values = rec.data["values"]
     values.update(micro_batch=micro_batch, seq_len=seq_len, layers=args.n_layers, dim=args.dim)
     quantize_theirs = True
-    try:
-        import bitsandbytes  # noqa: F401
-        if device != "cuda":
+    if device != "cuda":
+        quantize_theirs, why = False, "bitsandbytes' 4-bit layers are used on CUDA only here"
+    else:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as e:    # noqa: BLE001 - a missing CUDA library shows as any kind of error
             quantize_theirs = False
-            why = "bitsandbytes' 4-bit layers need CUDA here"
-    except Exception as e:    # noqa: BLE001
-        quantize_theirs = False
-        why = f"bitsandbytes is not importable ({type(e).__name__}: {str(e)[:160]})"
+            why = f"bitsandbytes is not importable ({type(e).__name__}: {str(e)[:160]})"
     if not quantize_theirs:
         rec.note(f"transformers + peft side: {why}, so it runs a {str(compute_dtype(dry_run))[6:]} base without "
                  "4-bit quantisation"
