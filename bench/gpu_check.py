@@ -382,9 +382,9 @@ def stage_env(rec: Recorder, work: Path, deadline: float, dry_run: bool) -> None
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     tflops = 2 * size**3 / _time_s(lambda: a @ b, device, 3, 10) / 1e12
-    values.update(copy_gbps=round(copy_gbps, 1), matmul_bf16_tflops=round(tflops, 2))
+    values.update(copy_gbps=float(f"{copy_gbps:.4g}"), matmul_bf16_tflops=float(f"{tflops:.4g}"))  # 4 digits
     rows.append([f"copy bandwidth ({n * 4 / 2**20:.0f} MiB float32, read + write counted)", f"{copy_gbps:.0f} GB/s"])
-    rows.append([f"bf16 matmul {size}^3 (random data)", f"{tflops:.1f} TFLOP/s"])
+    rows.append([f"bf16 matmul {size}^3 (random data)", f"{tflops:.4g} TFLOP/s"])
     rec.save()
 
 
