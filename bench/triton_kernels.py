@@ -4,10 +4,11 @@
     python bench/triton_kernels.py --cpu-smoke   anywhere: tiny float32 shapes through Triton's interpreter, only to show
                                           that the script runs (its numbers mean nothing)
 
-Every measurement is forward + backward, as in training. What the columns mean:
-  * RMSNorm, RoPE, SwiGLU are memory-bound: "achieved" is the least traffic a fused forward + backward must move
-    (each input, output and gradient read or written once) divided by the time, and "% of peak" compares it with
-    the bandwidth of a large device-to-device copy measured first.
+Each kernel is timed forward alone ("fwd", under no_grad) and forward + backward ("fwd + bwd", as in training; the
+loss has the second only). What the columns mean:
+  * RMSNorm, RoPE, SwiGLU are memory-bound: "achieved" is the least traffic that direction must move (each input,
+    output and gradient read or written once) divided by the time, and "% of peak" compares it with the bandwidth
+    of a large device-to-device copy measured first.
   * Attention and the fused linear cross-entropy are compute-bound: "achieved" is TFLOP/s of the matmul work each
     implementation does (sliding-window attention skips the keys outside the window; the causal SDPA baseline,
     which has no window, does not), against the peak of a large bf16 matmul measured first.
@@ -64,6 +65,7 @@ class Row:
     achieved: str
     percent_of_peak: str
     peak_memory: str = ""
+    direction: str = "fwd + bwd"      # "fwd": the forward alone; "fwd + bwd": one training step of the operation
 
 
 def main() -> int:
@@ -85,7 +87,10 @@ def main() -> int:
     return 0
 
 
-def run(s: Setting) -> list[Row]:
+def run(s: Setting, on_row: Callable[[Row], None] | None = None, deadline: float | None = None) -> list[Row]:
+    """Every measurement of the table, most wanted first: the peaks, ours and eager PyTorch for each kernel, then
+    the torch.compile rows (each costs a compilation). on_row(row) sees each row as soon as it is measured (so a
+    caller killed at its time limit keeps what was done); past `deadline` (time.monotonic()) the rest is skipped."""
     import torch
     import torch.nn.functional as F
 
@@ -97,6 +102,15 @@ def run(s: Setting) -> list[Row]:
 
     device, dtype = torch.device(s.device), getattr(torch, s.dtype)
     torch.manual_seed(0)
+    rows: list[Row] = []
+
+    def add(row: Row) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.monotonic() > deadline
 
     def sync() -> None:
         if device.type == "cuda":
@@ -130,6 +144,12 @@ def run(s: Setting) -> list[Row]:
             torch.autograd.grad(op(*inputs), wrt, grad_out)
         return step
 
+    def forward_only(op: Callable, inputs: list[torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            with torch.no_grad():
+                op(*inputs)
+        return step
+
     # Peaks: a large copy reads and writes every byte; a large square matmul does 2 n^3 flops.
     def measure_copy_gbps() -> float:
         src = torch.randn(s.copy_elements, device=device)
@@ -141,58 +161,63 @@ def run(s: Setting) -> list[Row]:
         return 2 * s.matmul_size ** 3 / time_ms(lambda: a @ a) / 1e9
 
     copy_gbps, matmul_tflops = measure_copy_gbps(), measure_matmul_tflops()
-    rows = [Row("copy (peak bandwidth)", f"{s.copy_elements * 4 / 2**20:.0f} MiB", "torch", None,
-                f"{copy_gbps:.0f} GB/s", "100%"),
-            Row("matmul (peak compute)", f"{s.matmul_size}^3 {s.dtype}", "torch", None,
-                f"{matmul_tflops:.1f} TFLOP/s", "100%")]
-
-    def implementations(triton_op: Callable, reference: Callable) -> dict[str, Callable]:
-        impls = {"triton (ours)": triton_op, "torch eager": reference}
-        if s.compile:
-            impls["torch.compile"] = torch.compile(reference)
-        return impls
-
-    def memory_bound(kernel: str, shape: str, impls: dict[str, Callable], inputs: list[torch.Tensor],
-                     wrt: list[torch.Tensor], bytes_moved: int) -> None:
-        grad_out = torch.randn_like(inputs[0])
-        for name, op in impls.items():
-            ms = time_ms(forward_backward(op, inputs, wrt, grad_out))
-            gbps = bytes_moved / ms / 1e6
-            rows.append(Row(kernel, shape, name, ms, f"{gbps:.0f} GB/s", f"{100 * gbps / copy_gbps:.0f}%"))
+    add(Row("copy (peak bandwidth)", f"{s.copy_elements * 4 / 2**20:.0f} MiB", "torch", None,
+            f"{copy_gbps:.0f} GB/s", "100%", direction=""))
+    add(Row("matmul (peak compute)", f"{s.matmul_size}^3 {s.dtype}", "torch", None,
+            f"{matmul_tflops:.1f} TFLOP/s", "100%", direction=""))
 
     size = torch.finfo(dtype).bits // 8
+    later: list[Callable[[], None]] = []   # the torch.compile rows, measured after everything else
+
+    def memory_bound(kernel: str, shape: str, ours: Callable, reference: Callable, inputs: list[torch.Tensor],
+                     wrt: list[torch.Tensor], bytes_forward: int, bytes_step: int) -> None:
+        """Rows for ours and eager now, torch.compile's later; bytes_*: the least traffic of each direction."""
+        grad_out = torch.randn_like(inputs[0])
+
+        def measure(name: str, op: Callable) -> None:
+            for direction, step, nbytes in (("fwd", forward_only(op, inputs), bytes_forward),
+                                            ("fwd + bwd", forward_backward(op, inputs, wrt, grad_out), bytes_step)):
+                if out_of_time():
+                    return
+                ms = time_ms(step)
+                gbps = nbytes / ms / 1e6
+                add(Row(kernel, shape, name, ms, f"{gbps:.0f} GB/s", f"{100 * gbps / copy_gbps:.0f}%",
+                        direction=direction))
+        measure("triton (ours)", ours)
+        measure("torch eager", reference)
+        if s.compile:
+            later.append(lambda: measure("torch.compile", torch.compile(reference)))
 
     # RMSNorm: forward reads x, writes y; backward reads dy and x, writes dx (the weight is negligible).
     x = torch.randn(s.tokens, s.dim, device=device, dtype=dtype, requires_grad=True)
     w = torch.randn(s.dim, device=device, dtype=dtype, requires_grad=True)
     eps = 1e-5
-    memory_bound("RMSNorm", f"[{s.tokens}, {s.dim}]",
-                 implementations(lambda x, w: rms_norm_triton(x, w, eps), lambda x, w: rms_norm_reference(x, w, eps)),
-                 [x, w], [x, w], 5 * x.numel() * size)
-    del x, w
+    memory_bound("RMSNorm", f"[{s.tokens}, {s.dim}]", lambda x, w: rms_norm_triton(x, w, eps),
+                 lambda x, w: rms_norm_reference(x, w, eps), [x, w], [x, w], 2 * x.numel() * size,
+                 5 * x.numel() * size)
 
     # RoPE on the queries: forward reads and writes x, backward reads dy and writes dx (tables are negligible).
     q = torch.randn(1, s.tokens, s.n_heads, s.head_dim, device=device, dtype=dtype, requires_grad=True)
     angles = torch.rand(s.tokens, s.head_dim // 2, device=device) * 100
     cos, sin = angles.cos(), angles.sin()
-    memory_bound("RoPE (q)", f"[1, {s.tokens}, {s.n_heads}, {s.head_dim}]",
-                 implementations(apply_rope_triton, apply_rope_reference), [q, cos, sin], [q], 4 * q.numel() * size)
-    del q
+    memory_bound("RoPE (q)", f"[1, {s.tokens}, {s.n_heads}, {s.head_dim}]", apply_rope_triton, apply_rope_reference,
+                 [q, cos, sin], [q], 2 * q.numel() * size, 4 * q.numel() * size)
 
     # SwiGLU: forward reads gate and up, writes out; backward reads dy, gate, up, writes d gate and d up.
     gate = torch.randn(s.tokens, s.hidden_dim, device=device, dtype=dtype, requires_grad=True)
     up = torch.randn(s.tokens, s.hidden_dim, device=device, dtype=dtype, requires_grad=True)
-    memory_bound("SwiGLU", f"[{s.tokens}, {s.hidden_dim}]", implementations(swiglu_triton, swiglu_reference),
-                 [gate, up], [gate, up], 8 * gate.numel() * size)
-    del gate, up
+    memory_bound("SwiGLU", f"[{s.tokens}, {s.hidden_dim}]", swiglu_triton, swiglu_reference, [gate, up],
+                 [gate, up], 3 * gate.numel() * size, 8 * gate.numel() * size)
 
     # Attention: 4 D flops per visible (query, key) pair and head forward, 2.5x that backward (FlashAttention-2's
     # count). Ours visits min(i + 1, W) keys for query i; causal SDPA visits i + 1.
-    def attention_flops(t: int, window: int | None) -> float:
+    def attention_flops(t: int, window: int | None, direction: str) -> float:
         visible = sum(min(i + 1, window or t) for i in range(t))
-        return 3.5 * 4 * s.head_dim * s.n_heads * visible
+        return (1.0 if direction == "fwd" else 3.5) * 4 * s.head_dim * s.n_heads * visible
 
     for t in s.attention_lengths:
+        if out_of_time():
+            break
         q = torch.randn(1, s.n_heads, t, s.head_dim, device=device, dtype=dtype, requires_grad=True)
         k = torch.randn(1, s.n_kv_heads, t, s.head_dim, device=device, dtype=dtype, requires_grad=True)
         v = torch.randn(1, s.n_kv_heads, t, s.head_dim, device=device, dtype=dtype, requires_grad=True)
@@ -206,44 +231,55 @@ def run(s: Setting) -> list[Row]:
                 ("SDPA is_causal (no window)", lambda q, k, v: F.scaled_dot_product_attention(
                     q, k.repeat_interleave(s.n_heads // s.n_kv_heads, 1),
                     v.repeat_interleave(s.n_heads // s.n_kv_heads, 1), is_causal=True), None)):
-            step = forward_backward(op, [q, k, v], [q, k, v], grad_out)
-            ms = time_ms(step)
-            tflops = attention_flops(t, window) / ms / 1e9
-            rows.append(Row("attention", shape, name, ms, f"{tflops:.1f} TFLOP/s",
-                            f"{100 * tflops / matmul_tflops:.0f}%", peak_memory(step)))
+            for direction, step in (("fwd", forward_only(op, [q, k, v])),
+                                    ("fwd + bwd", forward_backward(op, [q, k, v], [q, k, v], grad_out))):
+                if out_of_time():
+                    break
+                ms = time_ms(step)
+                tflops = attention_flops(t, window, direction) / ms / 1e9
+                add(Row("attention", shape, name, ms, f"{tflops:.1f} TFLOP/s",
+                        f"{100 * tflops / matmul_tflops:.0f}%", peak_memory(step), direction=direction))
         del q, k, v, grad_out
 
     # Linear + cross-entropy: three [N, D] x [D, V] matmuls (logits, d h, d weight) of 2 N D V flops each.
     h = torch.randn(s.tokens, s.dim, device=device, dtype=dtype, requires_grad=True)
     weight = (torch.randn(s.vocab_size, s.dim, device=device) / s.dim ** 0.5).to(dtype).requires_grad_()
     targets = torch.randint(0, s.vocab_size, (s.tokens,), device=device)
-    impls = {
-        "fused, triton step (ours)": lambda h, w: linear_cross_entropy_fused(h, w, targets, use_triton=True),
-        "fused, torch step (ours, CPU path)": lambda h, w: linear_cross_entropy_fused(h, w, targets),
-        "unfused, torch eager": lambda h, w: linear_cross_entropy_reference(h, w, targets),
-    }
-    if s.compile:
-        impls["unfused, torch.compile"] = torch.compile(lambda h, w: linear_cross_entropy_reference(h, w, targets))
+    shape = f"N={s.tokens}, D={s.dim}, V={s.vocab_size}"
     flops = 3 * 2 * s.tokens * s.dim * s.vocab_size
-    for name, op in impls.items():
+
+    def loss_row(name: str, op: Callable) -> None:
+        if out_of_time():
+            return
         step = forward_backward(op, [h, weight], [h, weight])
         ms = time_ms(step)
         tflops = flops / ms / 1e9
-        rows.append(Row("linear + cross-entropy", f"N={s.tokens}, D={s.dim}, V={s.vocab_size}", name, ms,
-                        f"{tflops:.1f} TFLOP/s", f"{100 * tflops / matmul_tflops:.0f}%", peak_memory(step)))
+        add(Row("linear + cross-entropy", shape, name, ms, f"{tflops:.1f} TFLOP/s",
+                f"{100 * tflops / matmul_tflops:.0f}%", peak_memory(step)))
+
+    loss_row("fused, triton step (ours)", lambda h, w: linear_cross_entropy_fused(h, w, targets, use_triton=True))
+    loss_row("fused, torch step (ours, CPU path)", lambda h, w: linear_cross_entropy_fused(h, w, targets))
+    loss_row("unfused, torch eager", lambda h, w: linear_cross_entropy_reference(h, w, targets))
+    if s.compile:
+        later.append(lambda: loss_row("unfused, torch.compile",
+                                      torch.compile(lambda h, w: linear_cross_entropy_reference(h, w, targets))))
+    for measure_compiled in later:
+        if out_of_time():
+            break
+        measure_compiled()
     return rows
 
 
 def print_table(rows: list[Row], s: Setting) -> None:
     import torch
     device = torch.cuda.get_device_name() if s.device == "cuda" else "CPU, Triton interpreter (smoke run only)"
-    print(f"\nminicurie kernels, forward + backward, {s.dtype}, {device}\n")
-    print("| kernel | shape | implementation | ms | achieved | % of peak | peak memory |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print(f"\nminicurie kernels, forward and forward + backward, {s.dtype}, {device}\n")
+    print("| kernel | shape | implementation | pass | ms | achieved | % of peak | peak memory |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
     for r in rows:
         ms = "" if r.ms is None else f"{r.ms:.3f}"
-        print(f"| {r.kernel} | {r.shape} | {r.implementation} | {ms} | {r.achieved} | {r.percent_of_peak} | "
-              f"{r.peak_memory} |")
+        print(f"| {r.kernel} | {r.shape} | {r.implementation} | {r.direction} | {ms} | {r.achieved} | "
+              f"{r.percent_of_peak} | {r.peak_memory} |")
 
 
 if __name__ == "__main__":
