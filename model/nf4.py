@@ -160,7 +160,17 @@ def quantize(weight: torch.Tensor, name: str = "weight") -> NF4Weight:
     # First level, chunk by chunk: absmax per block of 64 and the 4-bit code of every weight.
     absmax = torch.empty(-(n // -BLOCK_SIZE), dtype=torch.float32, device=weight.device)    # [n_blocks]
     packed = torch.empty(-(n // -2), dtype=torch.uint8, device=weight.device)              # [ceil(n/2)]
-    for start in range(0, n, _CHUNK):
+    # On the CPU the C kernel does it in one pass (a 7B load quantises 7e9 weights: ~20x faster than the loop).
+    lib = _CPU_KERNEL.library() if (n % BLOCK_SIZE == 0 and flat.dtype in _CPU_KINDS
+                                     and plain_cpu_tensors(flat)) else None
+    if lib is not None:
+        flat = flat.contiguous()
+        rc = lib.nf4_quantize_blocks(ctypes.c_void_p(flat.data_ptr()), _CPU_KINDS[flat.dtype], n,
+                                     ctypes.c_void_p(nf4_mid.data_ptr()), ctypes.c_void_p(absmax.data_ptr()),
+                                     ctypes.c_void_p(packed.data_ptr()), torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"nf4_quantize_blocks refused {flat.dtype}")
+    for start in range(0, n if lib is None else 0, _CHUNK):
         blocks = _blocks(flat[start:start + _CHUNK].float(), BLOCK_SIZE)                   # [m, 64]
         block_max = blocks.abs().amax(dim=1)                                               # [m]
         absmax[start // BLOCK_SIZE:start // BLOCK_SIZE + len(block_max)] = block_max
@@ -204,10 +214,13 @@ def _open(path) -> ctypes.CDLL:
     lib.nf4_dequantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
     lib.nf4_dequantize.restype = ctypes.c_int
+    lib.nf4_quantize_blocks.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [
+        ctypes.c_int]
+    lib.nf4_quantize_blocks.restype = ctypes.c_int
     return lib
 
 
-_CPU_KERNEL = CKernel(Path(__file__).with_name("kernels") / "nf4_cpu.c", _open, "NF4 dequantisation")
+_CPU_KERNEL = CKernel(Path(__file__).with_name("kernels") / "nf4_cpu.c", _open, "NF4 (de)quantisation")
 _CPU_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 
 

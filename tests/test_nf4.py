@@ -457,3 +457,28 @@ def test_nf4_linear_reuses_its_dequantisation_buffer(dtype, mode, monkeypatch):
             for y, dx, wy, wdx in zip(ys, dxs, want_y, want_dx):
                 assert torch.equal(y, wy) and torch.equal(dx, wdx)
     assert len(pointers) == 8 and len(set(pointers)) == 1, pointers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_quantisation_kernel_equals_the_pytorch_path(dtype):
+    """The C first level (absmax and codes) against the PyTorch loop, ties on the midpoints included."""
+    torch.manual_seed(5)
+    w = torch.randn(96, 320) * torch.rand(96, 1) * 2
+    w.view(-1)[:64] = 0
+    ties = w.view(-1)[64:128]                        # a block whose absmax is 1, holding every midpoint exactly
+    ties[:] = 0.25
+    ties[0] = 1.0
+    _, mid, _, _ = nf4._tables(torch.device("cpu"))
+    ties[1:16] = mid.to(dtype).float()
+    ties[16:31] = -mid.to(dtype).float()
+    w = w.to(dtype)
+    got = nf4.quantize(w)
+    with _switch.use_kernels("reference"):
+        want = nf4.quantize(w)
+    for part in ("packed", "scale_codes", "scale_absmax", "scale_offset"):
+        assert torch.equal(getattr(got, part), getattr(want, part)), part
+    for bad in (float("nan"), float("inf")):
+        w2 = w.clone()
+        w2[7, 9] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            nf4.quantize(w2, "w2")

@@ -46,3 +46,48 @@ int nf4_dequantize(const uint8_t *packed, const uint8_t *scale_codes, const floa
     }
     return 0;
 }
+
+/* The first level of quantisation (model/nf4.quantize), for n weights (a multiple of 64) in float32 (kind 0) or bf16
+ * (kind 1): absmax[b] = max |w| over block b (NaN if the block holds one, so the caller's finiteness check sees
+ * it), then each weight's code = the number of NF4 midpoints below w * (1 / max(absmax, 1e-38)) clamped to [-1, 1]
+ * (nearest value, a tie to the lower one: torch.bucketize's rule), two codes per byte, the first high.
+ * -> 0, or 1 for an unknown kind. */
+int nf4_quantize_blocks(const void *weight, int kind, int64_t n, const float *midpoints, float *absmax,
+                        uint8_t *packed, int threads)
+{
+    if (kind != 0 && kind != 1)
+        return 1;
+    const int64_t n_blocks = n / BLOCK;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < n_blocks; b++) {
+        float w[BLOCK];
+        for (int i = 0; i < BLOCK; i++)
+            w[i] = kind == 0 ? ((const float *)weight)[b * BLOCK + i]
+                             : from_bf16(((const uint16_t *)weight)[b * BLOCK + i]);
+        float m = 0.0f;
+        for (int i = 0; i < BLOCK; i++) {
+            const float a = fabsf(w[i]);
+            m = (a > m || a != a) ? a : m;
+            if (m != m)
+                break;
+        }
+        absmax[b] = m;
+        const float inv = 1.0f / (m > 1e-38f ? m : 1e-38f);
+        /* The code of each weight as a count over the 15 midpoints, the weights in the inner loop: it vectorises. */
+        int32_t code[BLOCK];
+        for (int i = 0; i < BLOCK; i++) {
+            float x = w[i] * inv;
+            w[i] = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
+            code[i] = 0;
+        }
+        for (int j = 0; j < 15; j++) {
+            const float mid = midpoints[j];
+            for (int i = 0; i < BLOCK; i++)
+                code[i] += mid < w[i];
+        }
+        uint8_t *p = packed + b * (BLOCK / 2);
+        for (int i = 0; i < BLOCK / 2; i++)
+            p[i] = (uint8_t)(code[2 * i] << 4 | code[2 * i + 1]);
+    }
+    return 0;
+}
