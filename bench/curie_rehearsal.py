@@ -155,6 +155,7 @@ def main() -> None:
     p.add_argument("--folder", type=Path, help="checkpoint folder (default: the cache's mistral-7b-shape[-L<n>])")
     p.add_argument("--layers", type=int, default=32, help="decoder layers (Mistral-7B: 32); same shapes otherwise")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "curie-rehearsal", help="run folder and logs")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training step (the paper: 256)")
     p.add_argument("--eval-tokens", type=int, default=1000)
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--write-only", action="store_true", help="write (or find) the checkpoint and stop")
@@ -176,7 +177,7 @@ def main() -> None:
     run = a.out / "run"
     py = [sys.executable]
     train = py + ["train.py", "--preset", "curie", "--model", str(folder), "--out", str(run), "--steps", "3",
-                  "--micro-batch", "1", "--grad-accum", "1", "--seq-len", "256", "--no-eval", "--eval-interval", "0",
+                  "--micro-batch", "1", "--grad-accum", "1", "--seq-len", str(a.seq_len), "--no-eval", "--eval-interval", "0",
                   "--device", "cpu"]
     commands = {
         "train": ("train (2 steps)", train + ["--max-steps-this-run", "2"]),
@@ -196,7 +197,7 @@ def main() -> None:
     stages = [run_stage(*commands[s], a.out / f"{s}.log", a.repo.resolve()) for s in wanted]
     steps = step_times(run / "metrics.jsonl", resumed_at=2) if (run / "metrics.jsonl").exists() else []
     shape = f"{a.layers} layers" + (" (Mistral-7B)" if a.layers == 32 else " (Mistral-7B's per-layer shapes)")
-    print(f"\nCurie rehearsal, {shape}; seconds per 256-token step: {', '.join(f'{s:.1f}' for s in steps)}\n")
+    print(f"\nCurie rehearsal, {shape}; seconds per {a.seq_len}-token step: {', '.join(f'{s:.1f}' for s in steps)}\n")
     print("| stage | wall (s) | user / sys CPU (s) | peak RSS, file pages incl. (GB) | peak anonymous (GB) "
           "| page faults (M) |")
     print("| --- | --- | --- | --- | --- | --- |")
