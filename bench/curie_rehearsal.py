@@ -177,8 +177,8 @@ def main() -> None:
     run = a.out / "run"
     py = [sys.executable]
     train = py + ["train.py", "--preset", "curie", "--model", str(folder), "--out", str(run), "--steps", "3",
-                  "--micro-batch", "1", "--grad-accum", "1", "--seq-len", str(a.seq_len), "--no-eval", "--eval-interval", "0",
-                  "--device", "cpu"]
+                  "--micro-batch", "1", "--grad-accum", "1", "--seq-len", str(a.seq_len), "--no-eval",
+                  "--eval-interval", "0", "--device", "cpu"]
     commands = {
         "train": ("train (2 steps)", train + ["--max-steps-this-run", "2"]),
         "resume": ("resume (1 step)", train + ["--resume"]),
