@@ -159,7 +159,9 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=1000)
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--write-only", action="store_true", help="write (or find) the checkpoint and stop")
-    p.add_argument("--stages", default="train,resume,eval,generate", help="comma-separated stages to run")
+    p.add_argument("--stages", default="train,resume,eval,generate",
+                   help="comma-separated: train, resume, eval, generate; also load (the NF4 load alone) and layer "
+                        "(one decoder layer's NF4 projections, forward and backward)")
     p.add_argument("--repo", type=Path, default=ROOT,
                    help="run the stages with the train.py / eval_ppl.py / generate.py of this checkout (before/after)")
     a = p.parse_args()
@@ -190,6 +192,29 @@ def main() -> None:
                      py + ["generate.py", "--model", str(folder), "--quantize", "nf4", "--dtype", "bfloat16",
                            "--prompt", "Stolica Polski to", "--max-new-tokens", str(a.new_tokens), "--device", "cpu"]),
     }
+    # load: model.load(quantize="nf4") alone, then the process's own VmHWM and the checkpoint's files still mapped.
+    load_only = ("import sys, torch; from pathlib import Path; from model.loading import load\n"
+                 "model, tok = load(sys.argv[1], dtype=torch.bfloat16, quantize='nf4')\n"
+                 "maps = {l.split()[-1] for l in open('/proc/self/maps') if l.count(' ') >= 5}\n"
+                 "print('files still mapped:', sum(str(f) in maps for f in Path(sys.argv[1]).iterdir()))\n")
+    # layer: one decoder layer's seven NF4 projections (Mistral-7B's shapes), forward and backward over 16 tokens
+    # (float32: bf16 products are slow on a CPU without AVX-512 bf16 and would hide it), once to warm up and once
+    # timed: what the dequantisation costs (time, page faults) with the matrix products kept small.
+    layer = ("import resource, sys, time, torch; from model import nf4\n"
+             "torch.manual_seed(0); d, h, kv = 4096, 14336, 1024\n"
+             "ps = [nf4.NF4Linear.from_weight(torch.randn(o, i) * 0.02) for o, i in "
+             "((d, d), (kv, d), (kv, d), (d, d), (h, d), (h, d), (d, h))]\n"
+             "x = {d: torch.randn(16, d, dtype=torch.bfloat16, requires_grad=True), "
+             "h: torch.randn(16, h, dtype=torch.bfloat16, requires_grad=True)}\n"
+             "def one():\n"
+             "    for p in ps: p(x[p.in_features]).float().sum().backward()\n"
+             "one(); f0 = resource.getrusage(resource.RUSAGE_SELF); t0 = time.perf_counter()\n"
+             "one()\n"
+             "f1 = resource.getrusage(resource.RUSAGE_SELF)\n"
+             "print(f'per layer pass (forward + backward): {time.perf_counter() - t0:.2f} s, '\n"
+             "      f'{(f1.ru_minflt - f0.ru_minflt) / 1e3:.0f} k page faults')\n")
+    commands["load"] = ("load (NF4)", py + ["-c", load_only, str(folder)])
+    commands["layer"] = ("one layer's NF4 fwd+bwd (x2)", py + ["-c", layer])
     wanted = a.stages.split(",")
     unknown = [s for s in wanted if s not in commands]
     if unknown:
