@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
                         "(Mistral yes, SmolLM2 no)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="hold the base weights in 4-bit NF4")
     args = p.parse_args(argv)
     if args.max_new_tokens < 0:
         p.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.draft_tokens and args.temperature > 0:
         p.error("--draft-tokens works with greedy decoding only (--temperature 0)")
 
-    model, tokenizer = load(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    model, tokenizer = load(args.model, device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize)
     if args.adapter:
         from lora import load_adapter
         load_adapter(model, args.adapter)

@@ -33,7 +33,8 @@ SourceName = Callable[[str], str] | None                  # our name -> the chec
 
 # ---------------------------------------------------------------------------------------------------- readers
 
-def _mistral_checkpoint(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, TensorStream, Path, SourceName]:
+def _mistral_checkpoint(folder: Path, dtype: torch.dtype, copy: bool = False
+                        ) -> tuple[ModelArgs, TensorStream, Path, SourceName]:
     args = ModelArgs.from_params_json(folder / "params.json")
     pth = sorted(folder.glob("consolidated.*.pth"))
     st = folder / "consolidated.safetensors"
@@ -49,12 +50,13 @@ def _mistral_checkpoint(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, Te
 
     def stream() -> TensorStream:
         for f in files:
-            for name, t in _read_tensor_file(f, dtype):
+            for name, t in _read_tensor_file(f, dtype, copy):
                 yield name, t, f
     return args, stream(), files[0], None
 
 
-def _hf_checkpoint(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, TensorStream, Path, SourceName]:
+def _hf_checkpoint(folder: Path, dtype: torch.dtype, copy: bool = False
+                   ) -> tuple[ModelArgs, TensorStream, Path, SourceName]:
     args = ModelArgs.from_hf_config(folder / "config.json")
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -70,7 +72,7 @@ def _hf_checkpoint(folder: Path, dtype: torch.dtype) -> tuple[ModelArgs, TensorS
 
     def stream() -> TensorStream:
         for f in files:
-            for hf_name, t in _read_tensor_file(f, dtype):
+            for hf_name, t in _read_tensor_file(f, dtype, copy):
                 if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer some old exports saved; we compute it
                     continue
                 try:
@@ -139,17 +141,21 @@ def _gguf_checkpoint(path: Path):
     return args, stream(), g, convert.to_gguf_name
 
 
-def _read_tensor_file(f: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_tensor_file(f: Path, dtype: torch.dtype, copy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of a .safetensors or .pth file. Tensors already in `dtype` are views of the memory-mapped
     file (no copy at all); the others are read into their own buffer, converted, and the buffer freed, so a
-    float32 checkpoint loaded as bf16 never holds the float32 file in RAM."""
+    float32 checkpoint loaded as bf16 never holds the float32 file in RAM.
+
+    copy=True (a load that quantises or otherwise transforms the weights) reads every tensor into memory of its
+    own, the kept ones too: one view of the map left in the model would keep the whole map alive, and with it every
+    page the quantiser read through it (Mistral-7B: 14 GB of file pages resident beside a 4 GB NF4 model)."""
     if not f.exists():
         raise FileNotFoundError(f"{f}: checkpoint file not found")
     if f.suffix == ".safetensors":
         from model.safetensors import SafeTensorsFile
         with SafeTensorsFile(f) as st:
             for name in st.keys():
-                yield name, (st.get_tensor(name) if st.dtype(name) == dtype else st.read_tensor(name))
+                yield name, (st.get_tensor(name) if st.dtype(name) == dtype and not copy else st.read_tensor(name))
     else:
         try:  # mmap: tensors stay on disk until used; weights_only: a checkpoint cannot run code
             sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
@@ -157,7 +163,11 @@ def _read_tensor_file(f: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.
             raise ValueError(f"{f}: cannot read as a PyTorch checkpoint ({e})") from None
         if not isinstance(sd, dict):
             raise ValueError(f"{f}: expected a dict of tensors, found {type(sd).__name__}")
-        yield from sd.items()
+        # A copy detaches a kept tensor from torch.load's map, which then goes with `sd` once the file is read.
+        for name in list(sd):
+            t = sd.pop(name)
+            yield name, (t.clone() if copy and isinstance(t, torch.Tensor) else t)
+        del sd
 
 
 # ---------------------------------------------------------------------------------------------------- assembly
@@ -242,7 +252,8 @@ def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     """-> (Transformer in eval mode, tokenizer). `source`: a checkpoint folder, a .gguf file or a named source.
 
     quantize="nf4" holds every linear layer of the blocks in 4-bit NormalFloat, quantised tensor by tensor as it is
-    read (QLoRA's base; see model/nf4.py). With require_tokenizer=False a checkpoint without a tokenizer loads too,
+    read (QLoRA's base; see model/nf4.py); such a load (or any `transform`) copies the tensors it keeps, so no map
+    of the checkpoint's files outlives it. With require_tokenizer=False a checkpoint without a tokenizer loads too,
     and the tokenizer returned is None. gguf_blocks: a float32 model on the CPU loaded from a GGUF also keeps the
     file's Q4_0/Q4_1/Q8_0 blocks of its linear layers, which decoding reads instead of the float32 weights (the same
     values; kernels/gguf_blocks.py: 5.3x fewer bytes for 4-bit blocks, 3.6x for 8-bit; for SmolLM2 about 20% more
@@ -273,9 +284,9 @@ def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
             tokenizer = GGUFBPETokenizer.from_metadata(g.metadata, path=path)
     else:
         if (path / "params.json").exists():
-            args, stream, where, source_name = _mistral_checkpoint(path, dtype)
+            args, stream, where, source_name = _mistral_checkpoint(path, dtype, copy=transform is not None)
         elif (path / "config.json").exists():
-            args, stream, where, source_name = _hf_checkpoint(path, dtype)
+            args, stream, where, source_name = _hf_checkpoint(path, dtype, copy=transform is not None)
         else:
             raise FileNotFoundError(f"{path}: neither params.json (Mistral layout) nor config.json "
                                     f"(Hugging Face layout) found")

@@ -84,7 +84,10 @@ class SafeTensorsFile:
             if begin < prev_end:
                 raise ValueError(f"{self.path}: tensor {name!r}: data_offsets [{begin}, {end}] overlap those of "
                                  f"{prev!r}, which end at {prev_end}")
-        self._map: np.memmap | None = np.memmap(self.path, dtype=np.uint8, mode="c")
+        # Mapped on the first get_tensor: a reader that only copies tensors out (read_tensor) never maps the file,
+        # so nothing of it can stay mapped (and resident) in the process once the copies are made.
+        self._map: np.memmap | None = None
+        self._closed = False
 
     def _check_entry(self, name: str, entry: Any, size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
         where = f"{self.path}: tensor {name!r}"
@@ -119,6 +122,7 @@ class SafeTensorsFile:
     def close(self) -> None:
         # Tensors already handed out keep their part of the map alive; we only drop our own reference.
         self._map = None
+        self._closed = True
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -136,8 +140,10 @@ class SafeTensorsFile:
 
     def get_tensor(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self._entry(name)
-        if self._map is None:
+        if self._closed:
             raise ValueError(f"{self.path}: file is closed")
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
         raw = torch.from_numpy(self._map[self._data_start + begin:self._data_start + end])  # uint8 view, no copy
         return raw.view(dtype).reshape(shape).to(self.device)
 
@@ -149,6 +155,8 @@ class SafeTensorsFile:
         read with read() stay in the kernel's page cache only.
         """
         dtype, shape, begin, end = self._entry(name)
+        if self._closed:
+            raise ValueError(f"{self.path}: file is closed")
         out = torch.empty(end - begin, dtype=torch.uint8)
         with open(self.path, "rb") as f:
             f.seek(self._data_start + begin)

@@ -206,3 +206,35 @@ def test_truncated_and_corrupt_gguf(tmp_path, smollm2_gguf):
     bad.write_bytes(b"GGML" + data[4:4096])
     with pytest.raises(ValueError, match="bad.gguf.*not a GGUF file"):
         load(bad)
+
+
+# ------------------------------------------------------------------- no checkpoint mapping outlives a copying load
+
+def mapped_files() -> set[str]:
+    """Paths of the files mapped into this process (/proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return {parts[5].strip() for parts in (line.split(maxsplit=5) for line in f) if len(parts) == 6}
+
+
+@pytest.mark.parametrize("layout", ["hf-sharded", "mistral-pth", "mistral-safetensors"])
+def test_nf4_load_leaves_no_mapping_of_the_checkpoint(tmp_path, hf_model, tokens, layout):
+    """A quantising load keeps no view of the files: a Mistral-7B checkpoint's 14 GB of pages would stay resident."""
+    import gc
+    if layout == "hf-sharded":
+        hf_model.save_pretrained(tmp_path, max_shard_size="60KB")   # float32, as loaded: tensors could be views
+        files = sorted(tmp_path.glob("model-*.safetensors"))
+    else:
+        write_mistral_layout(tmp_path, hf_model, layout.split("-")[1])
+        files = sorted(tmp_path.glob("consolidated.*"))
+    names = {str(f.resolve()) for f in files}
+    plain, _ = load(tmp_path, require_tokenizer=False)            # the zero-copy load maps them (the control)
+    if layout != "mistral-pth":                                   # (torch.load maps a .pth through its own reader)
+        assert names & mapped_files()
+    del plain
+    gc.collect()
+    ours, _ = load(tmp_path, require_tokenizer=False, quantize="nf4")
+    gc.collect()
+    assert not names & mapped_files(), names & mapped_files()
+    with torch.no_grad():   # and the model is whole: NF4's error, not garbage
+        diff = (ours(tokens) - hf_logits(hf_model, tokens)).abs().max().item()
+    assert 0 < diff < 0.5

@@ -405,3 +405,80 @@ def test_adapter_trained_on_nf4_base_merges_into_full_precision_weights(tmp_path
         moved_full, moved_qlora = (full(tokens) - full_before).flatten(), (qlora(tokens) - qlora_before).flatten()
     assert moved_qlora.norm() > 0.1 * qlora_before.norm(), "the adapter barely changed the model: nothing tested"
     assert torch.nn.functional.cosine_similarity(moved_full, moved_qlora, dim=0) > 0.99
+
+
+# ------------------------------------------------------------------ CPU dequantisation into reused buffers
+
+@pytest.mark.parametrize("mode", ["auto", "reference"])   # the C kernel, and the chunked PyTorch path without it
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(96, 64), (640, 832), (3, 5)])
+def test_cpu_dequantisation_into_a_buffer_equals_the_reference_bitwise(shape, dtype, mode):
+    torch.manual_seed(sum(shape))
+    w = torch.randn(shape) * torch.rand(shape[0], 1) * 3
+    w.view(-1)[:64] = 0                         # an all-zero block
+    w.view(-1)[-1] = 40.0                       # an outlier: its block's scale is far from the mean
+    q = nf4.quantize(w)
+    want = nf4.dequantize_reference(q, dtype)
+    out = torch.full(shape, float("nan"), dtype=dtype)
+    with _switch.use_kernels(mode):
+        got = nf4.dequantize_cpu_into(q, out)
+        again = nf4.dequantize_scratch(q, dtype)
+    assert got is out
+    bits = torch.int16 if dtype.itemsize == 2 else torch.int32
+    assert torch.equal(out.view(bits), want.view(bits))
+    assert torch.equal(again.view(bits), want.view(bits))
+
+
+@pytest.mark.parametrize("mode", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_linear_reuses_its_dequantisation_buffer(dtype, mode, monkeypatch):
+    """After the first call, forward and backward write the weight into the same buffer (no fresh allocation,
+    which at 7B shape meant hundreds of millions of page faults per step), and give the allocating path's bits."""
+    torch.manual_seed(0)
+    layers = [nf4.NF4Linear.from_weight(torch.randn(192, 128)) for _ in range(2)]   # two layers of one size
+    x = torch.randn(4, 128, dtype=dtype, requires_grad=True)
+    g = torch.randn(4, 192, dtype=dtype)
+    # The allocating version: the reference dequantisation at every call.
+    want_y = [nf4_kernels.frozen_linear(x, layer.dequantize) for layer in layers]
+    want_dx = [torch.autograd.grad(y, x, g)[0] for y in want_y]
+
+    pointers = []
+    real = nf4.dequantize_scratch
+
+    def spy(q, dt):
+        w = real(q, dt)
+        pointers.append(w.data_ptr())
+        return w
+    monkeypatch.setattr(nf4, "dequantize_scratch", spy)
+    with _switch.use_kernels(mode):
+        for _ in range(2):
+            ys = [layer(x) for layer in layers]
+            dxs = [torch.autograd.grad(y, x, g)[0] for y in ys]
+            for y, dx, wy, wdx in zip(ys, dxs, want_y, want_dx):
+                assert torch.equal(y, wy) and torch.equal(dx, wdx)
+    assert len(pointers) == 8 and len(set(pointers)) == 1, pointers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_quantisation_kernel_equals_the_pytorch_path(dtype):
+    """The C first level (absmax and codes) against the PyTorch loop, ties on the midpoints included."""
+    torch.manual_seed(5)
+    w = torch.randn(96, 320) * torch.rand(96, 1) * 2
+    w.view(-1)[:64] = 0
+    ties = w.view(-1)[64:128]                        # a block whose absmax is 1, holding every midpoint exactly
+    ties[:] = 0.25
+    ties[0] = 1.0
+    _, mid, _, _ = nf4._tables(torch.device("cpu"))
+    ties[1:16] = mid.to(dtype).float()
+    ties[16:31] = -mid.to(dtype).float()
+    w = w.to(dtype)
+    got = nf4.quantize(w)
+    with _switch.use_kernels("reference"):
+        want = nf4.quantize(w)
+    for part in ("packed", "scale_codes", "scale_absmax", "scale_offset"):
+        assert torch.equal(getattr(got, part), getattr(want, part)), part
+    for bad in (float("nan"), float("inf")):
+        w2 = w.clone()
+        w2[7, 9] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            nf4.quantize(w2, "w2")
