@@ -352,7 +352,8 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
     if mode.name != "full":
         w(f"**This is the `--{mode.name}` page**: the curve stops at {mode.steps} steps ({mode.steps * tps:,} "
           f"tokens, {mode.steps * tps / (60 * 2048):.0%} of the default `train.py` run's 60 x 2048), perplexity is "
-          f"scored on {mode.eval_tokens:,} tokens per set, and the downstream task uses {len(mode.seeds)} seed(s) and {mode.ft_epochs or 3} epoch(s). "
+          f"scored on {mode.eval_tokens:,} tokens per set, and the downstream task uses {len(mode.seeds)} seed(s) "
+          f"and {mode.ft_epochs or 3} epoch(s). "
           f"`python -m experiments.lapt_report` (without `--{mode.name}`) runs the full page: the curve to 4x the "
           f"default budget, 12,000 tokens per set, 3 seeds.\n")
     w("| | |\n|---|---|")
