@@ -296,6 +296,15 @@ def _bpb(point: dict, name: str) -> float:
     return point["eval"][name]["bits_per_byte"]
 
 
+def _not_monotone(curve: list[dict], name: str, what: str) -> str:
+    values = [_ppl(p, name) for p in curve]
+    if all(b <= a for a, b in zip(values, values[1:])):
+        return ""
+    low = min(curve, key=lambda p: _ppl(p, name))
+    return (f"{what} does not fall steadily: lowest {_ppl(low, name):.2f} at step {low['step']}, "
+            f"{values[-1]:.2f} at the end. ")
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
@@ -355,7 +364,9 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
           f"scored on {mode.eval_tokens:,} tokens per set, and the downstream task uses {len(mode.seeds)} seed(s) "
           f"and {mode.ft_epochs or 3} epoch(s). "
           f"`python -m experiments.lapt_report` (without `--{mode.name}`) runs the full page: the curve to 4x the "
-          f"default budget, 12,000 tokens per set, 3 seeds.\n")
+          f"default budget, 12,000 tokens per set, 3 seeds. With so few tokens per set, a set is a handful of "
+          f"documents (the table below says how many): read this page's perplexities as indicative, not as "
+          f"measurements of the sets' domains.\n")
     w("| | |\n|---|---|")
     w(f"| command | `{command}` |")
     w(f"| commit | {', '.join(commits)} (of the runs; the cache key leaves the commit out) |")
@@ -400,6 +411,8 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
          if pf[1] / pf[0] > pt[1] / pt[0] else
          "The held-out domain gains as much as the in-domain split or more: the gain is Polish, not only the domain. ")
       + ("The held-out domain got worse: LAPT on technical text did not carry over to it. " if pf[1] > pf[0] else "")
+      + _not_monotone(curve, "pl-fortunes", "The held-out domain's perplexity")
+      + _not_monotone(curve, "pl-test", "The in-domain perplexity")
       + "One training seed: the run-to-run spread of these perplexities is not measured here (evaluation itself "
         "is deterministic).\n")
 
@@ -482,8 +495,13 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
         w(f"| {r} | {p['trainable']:,} | " + " | ".join(f"{_ppl(p, n):.2f}" for n in SETS)
           + f" | {_minutes(p['train_seconds_total'])} |")
     best = min(ranks, key=lambda r: _ppl(ranks[r], "pl-test"))
-    w(f"\nMeasured: the lowest in-domain perplexity at this budget is rank {best}'s. One seed each; differences of "
-      f"a few percent are within what another seed could change.\n")
+    worse = [r for r, p in ranks.items() if _ppl(p, "pl-test") > _ppl(base, "pl-test")]
+    w(f"\nMeasured: the lowest in-domain perplexity at this budget is rank {best}'s. "
+      + (f"Rank {', '.join(map(str, worse))} ended worse than the base model ({_ppl(base, 'pl-test'):.2f}): with "
+         f"alpha = 2r the scale is the same, so at the recipe's learning rate ({mode.lr}) a larger rank takes larger "
+         f"steps and overshoots; a rank comparison at one learning rate favours small ranks (a learning rate per "
+         f"rank, or rsLoRA, is not tried here). " if worse else "")
+      + "One seed each; differences of a few percent are within what another seed could change.\n")
     w("---\nWritten by `experiments/lapt_report.py`; rerunning it reuses every finished run "
       f"(`{Path('runs/lapt-report')}`, keyed by each run's settings).\n")
     page = out / "results.md"

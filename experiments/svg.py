@@ -15,8 +15,8 @@ from pathlib import Path
 from training import atomic_write_text
 
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
-W, H = 640, 380
-LEFT, RIGHT, TOP, BOTTOM = 64, 150, 36, 52          # margins: the right one holds the legend
+W, H = 820, 380
+LEFT, RIGHT, TOP, BOTTOM = 64, 270, 36, 52          # margins: the right one holds the legend (~40 characters)
 
 
 @dataclass
