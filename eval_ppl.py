@@ -3,15 +3,21 @@
     python eval_ppl.py --model smollm2-135m --data test
     python eval_ppl.py --model smollm2-135m --adapter runs/lapt-cpu-smollm2/adapter --model smollm2-135m --data test --json out.json
 
-Sliding-window scoring. Each document is tokenised on its own as [BOS] + tokens; windows of `ctx` input tokens
-start every `stride` tokens, and each input position predicts the token after it:
+Sliding-window scoring. Each document is tokenised on its own, with BOS in front when the checkpoint's tokenizer
+adds one (Mistral: yes; SmolLM2: no; --bos / --no-bos override). Its first token is never scored: with BOS that is
+the BOS, without it the document's first token, which has nothing to be predicted from (transformers' strided-
+perplexity recipe leaves it unscored too). Windows of `ctx` input tokens start every `stride` tokens, and each input
+position predicts the token after it:
 
     window 0: inputs [0, ctx)                     scores targets 1 .. ctx          (what little context there is)
     window k: inputs [k*stride, k*stride + ctx)   scores only the targets window k-1 did not reach
 
-so every token but BOS is scored exactly once; once past the first window a target has at least ctx - stride
-tokens of context, and no context ever crosses a document boundary. stride == ctx gives disjoint input chunks;
-stride 1 gives every target a full window of ctx tokens. Perplexity is exp(total NLL / scored tokens). Bits per
+so every token but the first is scored exactly once (`tokens` in the results counts the scored ones); once past
+the first window a target has at least ctx - stride tokens of context, and no context ever crosses a document
+boundary. stride == ctx gives disjoint input chunks;
+stride 1 gives every target a full window of ctx tokens. In the terms of transformers' strided-perplexity recipe
+(https://huggingface.co/docs/transformers/perplexity), `--ctx C --stride S` is its max_length = C + 1 and stride S:
+the model reads C tokens and C targets are scored. Perplexity is exp(total NLL / scored tokens). Bits per
 byte is total NLL / ln 2 / UTF-8 bytes of the text: the same text costs the same bits whatever the tokenizer, which
 perplexity per token does not.
 """
@@ -35,7 +41,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class PerplexityResult:
-    tokens: int            # tokens scored
+    tokens: int            # tokens scored (every token of a document but its first)
     documents: int
     nll: float             # total negative log-likelihood, nats
     mean_nll: float
@@ -53,7 +59,7 @@ def windows(n: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
     (at most ctx) and targets first_target..end-1 are scored; together the windows score 1..n-1 exactly once."""
     if not 1 <= stride <= ctx:
         raise ValueError(f"--stride must be in 1..ctx ({ctx}), got {stride}")
-    out, begin, done = [], 0, 1  # target 0 (BOS) is never scored
+    out, begin, done = [], 0, 1  # target 0 (BOS, or a first token with nothing before it) is never scored
     while done < n:
         end = min(begin + ctx + 1, n)
         out.append((begin, end, done))
@@ -85,9 +91,11 @@ def _score_batch(model, batch: list[list[int]], firsts: list[int], device, chunk
 
 def evaluate_perplexity(model, tokenizer, texts: list[str], ctx: int = 1024, stride: int = 512,
                         batch_size: int | None = None, max_tokens: int | None = None, progress: bool = True,
-                        desc: str = "perplexity", distributed: bool = False) -> PerplexityResult:
+                        desc: str = "perplexity", distributed: bool = False, bos: bool | None = None
+                        ) -> PerplexityResult:
     """Score `texts` (documents) with `model`; see the module docstring for the windows.
 
+    bos: put BOS before each document (None: as the tokenizer's checkpoint says, `tokenizer.add_bos`).
     batch_size: windows per forward pass; default 1 on the CPU (batching gains nothing there and pads windows of
     unequal length), 8 on a GPU.
     distributed: every process of the torch.distributed group calls this with the same texts; each scores every
@@ -101,10 +109,10 @@ def evaluate_perplexity(model, tokenizer, texts: list[str], ctx: int = 1024, str
     model.eval()
     jobs, n_tokens, n_bytes, n_chars, n_docs = [], 0, 0, 0, 0
     for text in texts:
-        ids = tokenizer.encode(text, bos=True, eos=False)
-        if tokenizer.bos_id is None or ids[:1] != [tokenizer.bos_id]:
-            raise ValueError("the tokenizer gives no BOS token to condition the first token on")
-        if len(ids) < 2:
+        ids = tokenizer.encode(text, bos=bos, eos=False)
+        if bos and (tokenizer.bos_id is None or ids[:1] != [tokenizer.bos_id]):
+            raise ValueError("BOS asked for, but the tokenizer has no BOS token")
+        if len(ids) < 2:  # nothing to score after the first token
             continue
         if max_tokens is not None and n_tokens + len(ids) - 1 > max_tokens and n_docs:
             break  # whole documents only, so that bytes and tokens describe the same text
@@ -146,7 +154,7 @@ def _process_group() -> tuple[int, int]:
 
 
 def format_table(rows: list[tuple[str, PerplexityResult]]) -> str:
-    head = f"{'model':<48} {'tokens':>9} {'mean NLL':>9} {'ppl':>9} {'bits/byte':>9} {'bits/char':>9} {'tok/s':>8}"
+    head = f"{'model':<48} {'scored':>9} {'mean NLL':>9} {'ppl':>9} {'bits/byte':>9} {'bits/char':>9} {'tok/s':>8}"
     lines = [head, "-" * len(head)]
     for name, r in rows:
         lines.append(f"{name[-48:]:<48} {r.tokens:>9} {r.mean_nll:>9.4f} {r.perplexity:>9.3f} "
@@ -177,7 +185,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, PerplexityResult]]:
     p.add_argument("--adapter", action=_ModelAction, dest="models", metavar="A",
                    help="LoRA adapter folder for the --model before it")
     p.add_argument("--data", nargs="+", default=["test"],
-                   help="split of the Polish corpus (train, validation, test) or .txt/.jsonl files or folders")
+                   help="split of the Polish corpus (train, validation, test) or .txt/.jsonl files or folders, "
+                        "optionally compressed (.gz, .xz, .zst)")
     p.add_argument("--ctx", type=int, default=1024, help="window length in tokens")
     p.add_argument("--stride", type=int, default=512,
                    help="window advance; the first window scores all its targets, each later one only the last "
@@ -187,7 +196,13 @@ def main(argv: list[str] | None = None) -> list[tuple[str, PerplexityResult]]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="hold the base weights in 4-bit NF4")
-    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="put BOS before each document (--bos) or not (--no-bos); default: as the checkpoint says. "
+                        "Either way a document's first token is not scored (without BOS nothing precedes it, as "
+                        "in transformers' strided-perplexity recipe); `tokens` counts the scored tokens")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="the figures as JSON (perplexity, tokens scored, bits per byte...): to FILE, or to stdout "
+                        "instead of the table when no FILE is given")
     args = p.parse_args(argv)
 
     from data.documents import read_documents
@@ -203,15 +218,19 @@ def main(argv: list[str] | None = None) -> list[tuple[str, PerplexityResult]]:
             load_adapter(model, adapter)
             label += f" + {adapter}"
         rows.append((label, evaluate_perplexity(model, tokenizer, texts, args.ctx, args.stride, args.batch_size,
-                                                args.max_tokens, desc=label[-30:])))
+                                                args.max_tokens, desc=label[-30:], bos=args.bos)))
         del model
-    print(format_table(rows))
-    if args.json:
-        payload = {"ctx": args.ctx, "stride": args.stride, "data": args.data,
-                   "results": [{"model": n, **asdict(r)} for n, r in rows]}
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+    payload = {"ctx": args.ctx, "stride": args.stride, "data": args.data, "bos": args.bos,
+               "results": [{"model": n, **asdict(r)} for n, r in rows]}
+    if args.json == "-":
+        print(json.dumps(payload, indent=2))
+    else:
+        print(format_table(rows))
+    if args.json and args.json != "-":
+        path = Path(args.json)
+        tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(payload, indent=2))
-        tmp.replace(args.json)
+        tmp.replace(path)
     return rows
 
 

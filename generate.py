@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draft-tokens", type=int, default=0,
                    help="greedy only: speculative decoding with up to N guesses per step, copied from earlier in the "
                         "text (prompt lookup); same tokens, faster on text that repeats itself")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start the prompt with BOS (--bos) or not (--no-bos); default: as the checkpoint says "
+                        "(Mistral yes, SmolLM2 no)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     args = p.parse_args(argv)
@@ -51,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         from lora import load_adapter
         load_adapter(model, args.adapter)
         model.eval()
-    prompt = tokenizer.encode(args.prompt, bos=True)
+    prompt = tokenizer.encode(args.prompt, bos=args.bos)
+    if not prompt:
+        p.error("the prompt encodes to no token (give some text, or --bos)")
     print(args.prompt, end="", flush=True)
     # New tokens are decoded after the prompt's, never alone: SentencePiece drops the leading space of a text's
     # first piece, so "▁Jan" alone decodes to "Jan" and "Nazywam się" would run into it.
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     text = shown = ""
     start = time.perf_counter()
     for token in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          eos_id=tokenizer.eos_id, seed=args.seed, draft_tokens=args.draft_tokens):
+                          eos_id=tokenizer.stop_ids, seed=args.seed, draft_tokens=args.draft_tokens):
         new.append(token)
         text = tokenizer.decode(prompt + new)[prefix:]
         # A byte-level token can end inside a multi-byte character: wait for the rest before printing.

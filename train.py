@@ -6,7 +6,8 @@
 
 The loop, in the order the code runs it:
   1. load the base model, freeze it, inject LoRA adapters (only they train);
-  2. pack the tokenised corpus into blocks of seq_len + 1 tokens (EOS between documents);
+  2. pack the tokenised corpus into blocks of seq_len + 1 tokens (EOS after each document, BOS before each when
+     the checkpoint's tokenizer adds one);
   3. measure held-out Polish perplexity of the base model (eval_ppl.evaluate_perplexity);
   4. AdamW on the adapters: micro-batches, gradient accumulation, clipping, warm-up + decay, optional bf16
      autocast, activation checkpointing and NEFTune noise; atomic checkpoints every --save-interval steps;
@@ -76,8 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--preset", choices=PRESETS, default="cpu-smollm2",
       help="a named set of defaults (any flag below overrides it): cpu-smollm2 (default) or curie (the paper)")
     a("--model", help="checkpoint folder, .gguf file or named source (cpu-smollm2: smollm2-135m)")
-    a("--data", help="training text: 'train' (the Polish corpus built from Debian packages), or .txt/.jsonl files "
-                     "or a folder of them")
+    a("--data", help="training text: 'train' (the Polish corpus built from Debian packages), or a .txt/.jsonl file "
+                     "or a folder of them, optionally compressed (.gz, .xz, or .zst as SpeakLeash's .jsonl.zst; "
+                     ".zst needs the zstandard package); read streamed")
     a("--eval-data", help="held-out text for the before/after perplexity (default: 'test')")
     a("--seq-len", type=int, help="tokens per training block (the paper: 256)")
     a("--micro-batch", type=int, help="blocks per forward pass")
@@ -481,7 +483,7 @@ def _tokenizer_key(model_name, tokenizer) -> str:
     with 32000-token SentencePiece vocabularies must not share token files, so the key ends in a fingerprint of the
     tokenizer itself: every id's text and the ids of a probe sentence (which the merges or pieces decide)."""
     h = hashlib.sha256(f"{type(tokenizer).__name__} {tokenizer.vocab_size} {tokenizer.bos_id} {tokenizer.eos_id}"
-                       .encode())
+                       f"{' bos' if tokenizer.add_bos else ''}".encode())
     for i in range(tokenizer.vocab_size):
         h.update(tokenizer.decode([i]).encode("utf-8", "surrogatepass") + b"\0")
     h.update(str(tokenizer.encode(_PROBE, bos=False)).encode())

@@ -35,11 +35,11 @@ AGREEMENT = 1e-3  # relative difference allowed between the two perplexities
 
 
 def select_documents(tokenizer, max_tokens: int) -> list[str]:
-    """Whole test documents, in order, while their scored tokens (all but BOS) stay within max_tokens."""
+    """Whole test documents, in order, while their scored tokens (all but the first) stay within max_tokens."""
     from data.documents import read_documents
     chosen, n_tokens = [], 0
     for text in read_documents("test"):
-        n = len(tokenizer.encode(text, bos=True)) - 1
+        n = len(tokenizer.encode(text)) - 1
         if n_tokens + n > max_tokens and chosen:
             break
         chosen.append(text)
@@ -52,7 +52,7 @@ def reference_nll(model, tokenizer, documents: list[str], ctx: int, stride: int)
     """(total NLL in nats, scored tokens) over the same windows, one forward per window with every logit."""
     nll, n_tokens = 0.0, 0
     for text in documents:
-        ids = tokenizer.encode(text, bos=True)
+        ids = tokenizer.encode(text)
         for begin, end, first in windows(len(ids), ctx, stride):
             logits = model(torch.tensor([ids[begin:end - 1]]), use_cache=False).logits[0]      # [T, V]
             log_probs = logits.float().log_softmax(-1)

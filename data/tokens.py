@@ -6,8 +6,9 @@ Layout: the documents' token ids back to back, with the tokenizer's EOS after ea
 
 Training cuts this one stream into fixed-length windows regardless of document boundaries ("packing", as in Mistral's
 and Curie's pre-training), so no window is wasted on padding; the EOS tells the model that what follows is unrelated
-to what came before. Documents are encoded without BOS, and the packed blocks train.py cuts from the stream carry
-none: a block starts wherever the cut falls, mostly mid-document, where a BOS would mark nothing.
+to what came before. Each document starts with BOS when the checkpoint's tokenizer adds one (`tokenizer.add_bos`:
+Mistral yes, SmolLM2 no), as transformers' packing recipe (tokenise each text, concatenate, cut) has it, so that a
+document start looks as it does at inference; the blocks themselves start wherever the cut falls.
 
 The array is uint16 when every id fits (vocab_size <= 65536: Mistral's 32000, SmolLM2's 49152), else uint32: half
 the disk and page cache of int32 for every model we use. Beside `x.bin` lies the sidecar `x.bin.json`, which says
@@ -35,7 +36,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from data.documents import read_documents
+from data.documents import iter_documents
 from model.sources import cache_dir
 from model.tokenizer import Tokenizer
 
@@ -50,30 +51,36 @@ def documents_sha256(documents: Iterable[str]) -> str:
     """A digest of the documents and of where each one ends (each is prefixed by its length in bytes)."""
     digest = hashlib.sha256()
     for doc in documents:
-        data = doc.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
+        _digest_document(digest, doc)
     return digest.hexdigest()
 
 
-def tokenize_to_file(documents: list[str], tokenizer: Tokenizer, path: str | Path, *, source: str = "",
+def _digest_document(digest, doc: str) -> None:
+    data = doc.encode("utf-8")
+    digest.update(len(data).to_bytes(8, "little"))
+    digest.update(data)
+
+
+def tokenize_to_file(documents: Iterable[str], tokenizer: Tokenizer, path: str | Path, *, source: str = "",
                      tokenizer_name: str | None = None) -> Path:
-    """Encode `documents` into the token file `path` (and its sidecar); see the module docstring. Returns path."""
+    """Encode `documents` into the token file `path` (and its sidecar); see the module docstring. Returns path.
+    `documents` may be any iterable (iter_documents streams a compressed corpus): it is read once."""
     path = Path(path)
-    if not documents:
-        raise ValueError(f"{path}: no documents to tokenize")
     if tokenizer.eos_id is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token, which token files put between documents")
     vocab_size, eos_id = int(tokenizer.vocab_size), int(tokenizer.eos_id)
     dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
     if not 0 <= eos_id < vocab_size:
         raise ValueError(f"{path}: tokenizer eos_id={eos_id} is outside its vocabulary of {vocab_size}")
-    n_tokens = 0
+    add_bos = bool(tokenizer.add_bos)
+    n_tokens, n_documents, digest = 0, 0, hashlib.sha256()
 
     def encoded() -> Iterator[bytes]:
-        nonlocal n_tokens
+        nonlocal n_tokens, n_documents
         for i, doc in enumerate(tqdm(documents, desc=f"tokenizing {path.name}", unit="doc", disable=None)):
-            ids = np.asarray(tokenizer.encode(doc, bos=False, eos=False), dtype=np.int64)
+            _digest_document(digest, doc)
+            n_documents += 1
+            ids = np.asarray(tokenizer.encode(doc, bos=add_bos, eos=False), dtype=np.int64)
             outside = ids[(ids < 0) | (ids >= vocab_size)]
             if outside.size:
                 raise ValueError(f"{path}: document {i} encoded to id {outside[0]}, outside the vocabulary of "
@@ -85,11 +92,13 @@ def tokenize_to_file(documents: list[str], tokenizer: Tokenizer, path: str | Pat
     array_tmp = _write_temporary(path, encoded())
     sidecar_tmp = None
     try:
+        if not n_documents:
+            raise ValueError(f"{path}: no documents to tokenize")
         sidecar = {
-            "format": FORMAT, "dtype": dtype.name, "n_tokens": n_tokens, "n_documents": len(documents),
-            "eos_id": eos_id, "tokenizer": {"name": tokenizer_name or type(tokenizer).__name__,
+            "format": FORMAT, "dtype": dtype.name, "n_tokens": n_tokens, "n_documents": n_documents,
+            "eos_id": eos_id, "bos": add_bos, "tokenizer": {"name": tokenizer_name or type(tokenizer).__name__,
                                             "vocab_size": vocab_size},
-            "source": source, "documents_sha256": documents_sha256(documents),
+            "source": source, "documents_sha256": digest.hexdigest(),
         }
         sidecar_tmp = _write_temporary(path, [(json.dumps(sidecar, indent=2) + "\n").encode()])
         sidecar_path(path).unlink(missing_ok=True)
@@ -155,15 +164,17 @@ def cached_token_file(spec: str | Path, tokenizer: Tokenizer, tokenizer_key: str
     """
     if not re.fullmatch(r"[A-Za-z0-9._-]+", tokenizer_key or ""):
         raise ValueError(f"tokenizer_key {tokenizer_key!r} must be a non-empty name of letters, digits, '.', '_', '-'")
-    documents = read_documents(spec)
-    digest = documents_sha256(documents)
+    # Two streamed passes over the documents (digest, then tokens if needed) instead of holding them all: a
+    # SpeakLeash .jsonl.zst can be many times the memory.
+    digest = documents_sha256(iter_documents(spec))
     label = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(spec).name or str(spec))
     path = cache_dir() / "tokens" / tokenizer_key / f"{label}-{digest[:16]}.bin"
     try:
         meta = token_file_info(path)
     except (FileNotFoundError, ValueError):
-        return tokenize_to_file(documents, tokenizer, path, source=str(spec), tokenizer_name=tokenizer_key)
+        return tokenize_to_file(iter_documents(spec), tokenizer, path, source=str(spec), tokenizer_name=tokenizer_key)
     if meta.get("documents_sha256") != digest or meta.get("eos_id") != tokenizer.eos_id \
+            or meta.get("bos", False) != bool(tokenizer.add_bos) \
             or meta.get("tokenizer", {}).get("vocab_size") != tokenizer.vocab_size:
         raise ValueError(f"{path}: cached tokens do not match this tokenizer or these documents, yet carry the same "
                          f"key {tokenizer_key!r}; give each tokenizer its own key, or delete the file")

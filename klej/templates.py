@@ -6,7 +6,8 @@ each after a Polish field label, so the decoder can tell where one ends and the 
     Zdanie A: Chłopiec w czerwonej koszulce gra w piłkę.
     Zdanie B: Dziecko gra w piłkę.
 
-Every input starts with [BOS], as in pre-training, and ends with its own last token: the classifier reads the
+Every input starts with [BOS] when the checkpoint's tokenizer adds one (`tokenizer.add_bos`: Mistral yes, SmolLM2
+no), as in pre-training, and ends with its own last token: the classifier reads the
 hidden state there (klej/head.py), the one position that has attended to the whole input and whose state the
 language model built to predict what comes next, i.e. a summary of the text so far. (An [EOS] appended to every
 input would make the pooled token the same for all inputs, and its state mostly "a new document starts here":
@@ -32,9 +33,10 @@ FIELD_LABELS: dict[str, str] = {
 
 
 class Tokenizer(Protocol):
-    bos_id: int
+    bos_id: int | None
+    add_bos: bool
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]: ...
 
 
 def render(columns: Sequence[str], fields: Sequence[str]) -> list[str]:
@@ -74,12 +76,12 @@ def truncate_longest_first(lengths: Sequence[int], budget: int) -> list[int]:
 
 
 def encode_example(columns: Sequence[str], fields: Sequence[str], tokenizer: Tokenizer, max_len: int) -> list[int]:
-    """[BOS] + segments (truncated longest-first to fit), at most max_len ids."""
-    if max_len < 1 + len(columns):
-        raise ValueError(f"max_len={max_len} leaves no room for {len(columns)} field(s) after BOS")
+    """[BOS] (where the tokenizer adds one) + segments (truncated longest-first to fit), at most max_len ids."""
+    ids = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+    if max_len < len(ids) + len(columns):
+        raise ValueError(f"max_len={max_len} leaves no room for {len(columns)} field(s)" + (" after BOS" * len(ids)))
     segments = [tokenizer.encode(text, bos=False, eos=False) for text in render(columns, fields)]
-    lengths = truncate_longest_first([len(s) for s in segments], max_len - 1)
-    ids = [tokenizer.bos_id]
+    lengths = truncate_longest_first([len(s) for s in segments], max_len - len(ids))
     for segment, n in zip(segments, lengths):
         ids += segment[:n]
     return ids

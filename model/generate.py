@@ -14,7 +14,7 @@ followed it, which pays off on text that repeats itself (names, lists, code, quo
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -55,10 +55,13 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | Iterable[int] | None = None,
              seed: int | None = None, chunk_size: int | None = None, draft_tokens: int = 0,
              draft: Callable[[list[int], int], list[int]] | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids, one as soon as it is chosen; stop after eos_id.
+
+    eos_id: one id or several (a checkpoint's generation_config.json may list more than one, e.g. an end-of-turn
+    token beside EOS; `tokenizer.stop_ids`): generation stops after any of them.
 
     draft_tokens > 0 (greedy only): speculative decoding with up to that many guesses per forward pass, from
     `draft(context, n) -> up to n token ids` (default: `prompt_lookup`).
@@ -75,8 +78,9 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
                          f"{temperature}")
     if max_new_tokens == 0:
         return
+    stops = frozenset(() if eos_id is None else (eos_id,) if isinstance(eos_id, int) else map(int, eos_id))
     if draft_tokens:
-        yield from _greedy_speculative(model, prompt, max_new_tokens, eos_id, chunk_size, draft_tokens,
+        yield from _greedy_speculative(model, prompt, max_new_tokens, stops, chunk_size, draft_tokens,
                                        draft or prompt_lookup)
         return
     device = next(model.parameters()).device
@@ -89,7 +93,7 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
         token = sample(logits, temperature, top_k, top_p, generator)
         t = int(token)
         yield t
-        if t == eos_id or i == max_new_tokens - 1:
+        if t in stops or i == max_new_tokens - 1:
             return
         logits = model(token.view(1, 1), cache)[:, -1]
 
@@ -105,7 +109,7 @@ def prompt_lookup(context: list[int], n: int, max_ngram: int = 3) -> list[int]:
     return []
 
 
-def _greedy_speculative(model: Transformer, prompt: list[int], max_new_tokens: int, eos_id: int | None,
+def _greedy_speculative(model: Transformer, prompt: list[int], max_new_tokens: int, stops: frozenset[int],
                         chunk_size: int | None, draft_tokens: int,
                         draft: Callable[[list[int], int], list[int]]) -> Iterator[int]:
     device = next(model.parameters()).device
@@ -113,7 +117,7 @@ def _greedy_speculative(model: Transformer, prompt: list[int], max_new_tokens: i
     token = int(model.prefill(torch.tensor([prompt], device=device), cache, chunk_size).argmax(-1))
     context, produced = list(prompt) + [token], 1
     yield token
-    while token != eos_id and produced < max_new_tokens:
+    while token not in stops and produced < max_new_tokens:
         # Never guess past the last token asked for: a step yields the accepted guesses plus one token more.
         n = min(draft_tokens, max_new_tokens - produced - 1)
         guesses = [int(t) for t in draft(context, n)][:n]
@@ -128,5 +132,5 @@ def _greedy_speculative(model: Transformer, prompt: list[int], max_new_tokens: i
             context.append(token)
             produced += 1
             yield token
-            if token == eos_id or produced == max_new_tokens:
+            if token in stops or produced == max_new_tokens:
                 return

@@ -1,17 +1,21 @@
 """Shared test set-up.
 
-Triton's interpreter must be chosen before anything imports triton, so it is set here, first. It only affects the
-Triton kernels, which the tests call explicitly; the model's default CPU path stays the plain-PyTorch reference.
+Triton's interpreter must be chosen before anything imports triton, so it is set here, first: on a machine without
+CUDA the Triton kernels can only run in it (TRITON_INTERPRET=1); with CUDA they run compiled, as they would in
+training, unless TRITON_INTERPRET is set explicitly (an explicit setting always wins). It only affects the Triton
+kernels, which the tests call explicitly; the model's default CPU path stays the plain-PyTorch reference.
 """
 import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # does not import triton: the choice below still takes effect
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -304,6 +304,7 @@ def test_attention_and_loss_let_nan_through(path):
 def test_attention_supports_refuses_odd_shapes_instead_of_failing():
     b = torch.bfloat16
     ok = (torch.empty(1, 4, 8, 16, dtype=b), torch.empty(1, 2, 8, 16, dtype=b), torch.empty(1, 2, 8, 16, dtype=b))
+    assert attention_cpu.supports(*ok, None) and attention_cpu.supports(*ok, 8)   # the control: these it takes
     assert not attention_cpu.supports(ok[0], ok[1][:, :0], ok[2][:, :0], None)           # no KV heads
     assert not attention_cpu.supports(ok[0][..., :0], ok[1][..., :0], ok[2][..., :0], None)   # head_dim 0
     assert not attention_cpu.supports(ok[0], ok[1][..., :8], ok[2][..., :8], None)       # head_dims differ
@@ -312,14 +313,22 @@ def test_attention_supports_refuses_odd_shapes_instead_of_failing():
 
 
 def test_cross_entropy_chunk_with_a_minus_inf_logit(path):
-    # A -inf logit (a masked-out word) is probability 0: the loss stays finite without label smoothing.
+    # A -inf logit (a masked-out word) is probability 0: the loss stays finite without label smoothing. Both steps
+    # against F.cross_entropy in float64 (loss and gradient), not only against each other.
     logits = torch.randn(2, 40).to(torch.bfloat16)
     logits[0, 7] = float("-inf")
     targets = torch.tensor([3, 5])
+    z64 = logits.double().requires_grad_()
+    loss64 = F.cross_entropy(z64, targets, reduction="none")
+    loss64.sum().backward()
+    assert z64.grad[0, 7] == 0
     z, z_ref = logits.clone(), logits.clone()
     loss = cross_entropy._chunk_step_cpu(z, targets, -100, 0.0, write_grad=True)
     loss_ref = cross_entropy._chunk_step_reference(z_ref, targets, -100, 0.0, write_grad=True)
     assert torch.isfinite(loss).all()
+    for ours, grad in ((loss, z), (loss_ref, z_ref)):
+        torch.testing.assert_close(ours.double(), loss64.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.double(), z64.grad, rtol=2**-8, atol=1e-7)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(z.float(), z_ref.float(), rtol=2**-8, atol=1e-7)
 
@@ -327,6 +336,7 @@ def test_cross_entropy_chunk_with_a_minus_inf_logit(path):
 def test_attention_refuses_tensors_off_the_cpu_and_allocates_on_it(path):
     b = torch.bfloat16
     q, k, v = (torch.randn(1, n, 8, 16).to(b) for n in (2, 1, 1))
+    assert attention_cpu.supports(q, k, v, None)                                  # the control
     assert not attention_cpu.supports(q, k.to("meta"), v.to("meta"), None)
     assert not attention_cpu.supports(q[:, :0], k, v, None)                     # no query heads
     # A default device other than the CPU (torch.set_default_device) does not reach the C code's buffers.

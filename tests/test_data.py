@@ -387,13 +387,14 @@ def test_read_documents_missing_and_empty_folder(tmp_path):
 
 class ByteTokenizer:
     """A stand-in with our tokenizers' interface: one token per UTF-8 byte, shifted above the special ids."""
-    bos_id, eos_id = 1, 2
+    bos_id, eos_id, add_bos, add_eos, stop_ids = 1, 2, False, False, (2,)
 
     def __init__(self, offset: int = 3, fail_on: int | None = None) -> None:
         self.offset, self.fail_on, self.calls = offset, fail_on, 0
         self.vocab_size = offset + 256
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
+        bos, eos = self.add_bos if bos is None else bos, self.add_eos if eos is None else eos
         self.calls += 1
         if self.calls == self.fail_on:
             raise RuntimeError("tokenizer failed mid-write")
@@ -447,10 +448,11 @@ def test_token_file_with_mistral_tokenizer(tmp_path, mistral_tokenizer_path):
                  (FIXTURES / "fortunes").read_text(), "Zażółć gęślą jaźń."]
     tokens = load_tokens(tokenize_to_file(documents, SentencePieceTokenizer(mistral_tokenizer_path),
                                           tmp_path / "t.bin"))
-    # Oracle: sentencepiece itself, which adds no BOS unless asked; our file must hold no BOS either.
+    # Oracle: sentencepiece itself. Mistral's convention adds BOS to a text (transformers' tokenizer(text) does),
+    # so each document is BOS, its pieces, and the EOS that separates documents.
     sp = sentencepiece.SentencePieceProcessor(model_file=str(mistral_tokenizer_path))
     assert tokens.dtype == np.uint16
-    assert tokens.tolist() == [i for doc in documents for i in sp.encode(doc) + [sp.eos_id()]]
+    assert tokens.tolist() == [i for doc in documents for i in [sp.bos_id()] + sp.encode(doc) + [sp.eos_id()]]
 
 
 def test_load_tokens_refuses_inconsistent_files(tmp_path):

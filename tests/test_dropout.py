@@ -2,7 +2,10 @@
 the reference's hash against a scalar Python spelling of it, and the masks' statistics."""
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import shlex
 import shutil
 
 import pytest
@@ -11,8 +14,15 @@ import torch
 from model.kernels import dropout as D
 from model.kernels._switch import use_kernels
 
-needs_kernel = pytest.mark.skipif(shutil.which("cc") is None or D.KERNEL.library() is None,
-                                  reason="no C compiler: the PyTorch path is the only one")
+# Skipped only where there is no C compiler. With one, a kernel that fails to build is a failure, not a skip.
+HAVE_CC = shutil.which(shlex.split(os.environ.get("CC") or "cc")[0]) is not None
+needs_kernel = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the PyTorch path is the only one")
+
+
+def kernel() -> ctypes.CDLL:
+    lib = D.KERNEL.library()
+    assert lib is not None, "a C compiler is here, but dropout.c did not build (see the warning)"
+    return lib
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -34,12 +44,34 @@ def test_reference_mask_equals_the_scalar_definition():
     seed = D.draw_seed()
     mask = D.keep_mask(seed, (3, 700), 0.3).flatten()
     assert [bool(m) for m in mask] == [scalar_keep(seed, i, 0.3) for i in range(mask.numel())]
-    # The high half of the index enters too (tensors of 2^32 elements and more): the hash of one index, by hand.
-    i = torch.tensor([2**32 + 5, 5])
-    k0, k1 = seed % 2**32, (seed >> 32) % 2**32
-    h = D._mix(D._mix((i & D._MASK32) ^ k0) ^ (i >> 32) ^ k1)
-    assert [bool(b) for b in (h >> 8) < D.keep_below(0.3)] == [scalar_keep(seed, 2**32 + 5, 0.3),
-                                                                 scalar_keep(seed, 5, 0.3)]
+
+
+# Elements past 2^32 (a tensor that large, or one read at an offset): the index's high half enters the hash too.
+# Read through `keep_mask` and the C kernel at those indices (the stream's `first` element), not rebuilt here.
+PAST_2_32 = [2**32 - 700, 2**33 + 3, 2**40 + 12345]
+
+
+@pytest.mark.parametrize("first", PAST_2_32)
+def test_reference_mask_past_2_to_the_32(first):
+    torch.manual_seed(0)
+    seed = D.draw_seed()
+    mask = D.keep_mask(seed, (1400,), 0.3, first=first)
+    assert [bool(m) for m in mask] == [scalar_keep(seed, first + i, 0.3) for i in range(1400)]
+    # ... and it is not the stream of the same indices mod 2^32.
+    assert not torch.equal(mask[-600:], D.keep_mask(seed, (600,), 0.3, first=(first + 800) % 2**32))
+
+
+@needs_kernel
+@pytest.mark.parametrize("first", PAST_2_32)
+def test_kernel_past_2_to_the_32(first):
+    torch.manual_seed(1)
+    seed, n, p = D.draw_seed(), 5000, 0.3
+    x = torch.randn(n)
+    out = torch.empty(n)
+    assert kernel().dropout_apply(ctypes.c_void_p(x.data_ptr()), 0, ctypes.c_void_p(out.data_ptr()), 0, n, first,
+                                  seed, D.keep_below(p), 1 / (1 - p), 1) == 0
+    expected = x * D.keep_mask(seed, (n,), p, first=first) * (1 / (1 - p))
+    assert torch.equal(out, expected)
 
 
 @needs_kernel
@@ -52,6 +84,7 @@ def test_kernel_equals_reference_bit_for_bit(p, src_dtype, dtype, threads):
     x = (torch.randn(3, 4099 * 3 + 5) * 3).to(src_dtype)[:, 7:]    # odd sizes, a non-contiguous view
     x[0, :4] = torch.tensor([math.nan, math.inf, -math.inf, -0.0]).to(src_dtype)
     seed = D.draw_seed()
+    kernel()
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -114,6 +147,7 @@ def test_kernel_drops_exactly_at_the_threshold():
             break
     else:
         pytest.fail("no element on the threshold in 19 seeds")
+    kernel()
     out = D.dropout(torch.ones(n), seed, p, torch.float32)
     assert (out[on] == 0).all() and (out[under] == 2).all()
 

@@ -13,9 +13,10 @@ from model.transformer import Transformer
 
 class ByteTokenizer:
     """UTF-8 bytes as ids, BOS 256, EOS 257: a tokenizer whose behaviour the test can see at a glance."""
-    bos_id, eos_id, pad_id, vocab_size = 256, 257, None, 260
+    bos_id, eos_id, pad_id, vocab_size, add_bos, add_eos, stop_ids = 256, 257, None, 260, True, False, (257,)
 
-    def encode(self, text, bos=True, eos=False):
+    def encode(self, text, bos=None, eos=None):
+        bos, eos = self.add_bos if bos is None else bos, self.add_eos if eos is None else eos
         return [256] * bos + list(text.encode("utf-8")) + [257] * eos
 
     def decode(self, ids):

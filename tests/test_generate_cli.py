@@ -14,9 +14,9 @@ import generate as cli
 
 class SpaceDroppingBytes:
     """Token = one UTF-8 byte; decode drops the text's leading space, like SentencePiece's first "▁" piece."""
-    bos_id, eos_id, pad_id, vocab_size = None, None, None, 256
+    bos_id, eos_id, pad_id, vocab_size, add_bos, add_eos, stop_ids = None, None, None, 256, False, False, ()
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids) -> str:
@@ -33,7 +33,7 @@ def run_cli(monkeypatch, capsys, tokenizer, new_tokens: list[int], prompt: str) 
     monkeypatch.setattr(cli, "load", lambda *a, **k: (object(), tokenizer))
     monkeypatch.setattr(cli, "generate", scripted)
     cli.main(["--prompt", prompt, "--device", "cpu", "--max-new-tokens", str(len(new_tokens))])
-    assert seen["prompt"] == tokenizer.encode(prompt, bos=True)
+    assert seen["prompt"] == tokenizer.encode(prompt)         # the checkpoint's own BOS convention
     return capsys.readouterr().out
 
 

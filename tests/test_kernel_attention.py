@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from model.kernels import flash_attention as fa
-from tests.kernel_testing import DEVICE, DTYPES, TOLERANCES, assert_close, forward_backward, poisoned_allocations
+from tests.kernel_testing import (DEVICE, DTYPES, TOLERANCES, assert_close, forward_backward, poisoned_allocations,
+                                  skip_bf16_in_interpreter)
 
 
 def brute_force_mask(seq_len: int, window: int | None) -> torch.Tensor:
@@ -77,6 +78,7 @@ def flash(window: int | None, block_rows: int, block_keys: int) -> Callable[...,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_flash_attention_matches_float64(case: tuple, dtype: torch.dtype):
+    skip_bf16_in_interpreter(dtype)
     batch, n_heads, n_kv_heads, seq_len, head_dim, window, block_rows, block_keys = case
     q, k, v = random_qkv(batch, n_heads, n_kv_heads, seq_len, head_dim, dtype)
     do = torch.randn(q.shape, device=DEVICE).to(dtype)

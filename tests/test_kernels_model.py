@@ -80,6 +80,7 @@ def test_auto_picks_reference_on_cpu_and_env_var_forces_triton(triton_calls, mon
     kernels.rms_norm(x, w, 1e-5)
     assert triton_calls["rms_norm_triton"] == 0
     monkeypatch.setenv(_switch.ENV_VAR, "triton")
+    x, w = x.to(DEVICE), w.to(DEVICE)        # compiled Triton (a CUDA machine) takes CUDA tensors only
     kernels.rms_norm(x, w, 1e-5)
     assert triton_calls["rms_norm_triton"] == 1
     with use_kernels("reference"):           # the context manager wins over the environment
@@ -131,14 +132,14 @@ def test_auto_falls_back_where_flash_attention_has_no_tiles(triton_calls, monkey
     # Auto mode on CUDA, simulated on the CPU: use_triton answers yes, as it does there for CUDA tensors.
     monkeypatch.delenv(_switch.ENV_VAR, raising=False)
     monkeypatch.setattr(kernels, "use_triton", lambda *tensors: True)
-    q, k, v = torch.randn(1, 4, 9, head_dim), torch.randn(1, 2, 9, head_dim), torch.randn(1, 2, 9, head_dim)
+    q, k, v = (torch.randn(1, h, 9, head_dim, device=DEVICE) for h in (4, 2, 2))
     out = kernels.attention(q, k, v, sliding_window=4)
     assert triton_calls["flash_attention_triton"] == flash_runs
     assert_close(out, kernels.attention_reference(q, k, v, 4), torch.float32, f"attention, head_dim {head_dim}")
 
 
 def test_forced_triton_still_reports_an_unsupported_head_dim():
-    q = torch.randn(1, 2, 5, 24)
+    q = torch.randn(1, 2, 5, 24, device=DEVICE)
     with use_kernels("triton"), pytest.raises(ValueError, match="head_dim=24 is not supported"):
         kernels.attention(q, q, q, None)
 

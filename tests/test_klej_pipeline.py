@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score
 from sklearn.utils.class_weight import compute_class_weight
 
 import training
@@ -31,9 +30,10 @@ BASE = {"model": "tiny (random)", "adapter": None, "dtype": "float32", "quantize
 
 class ByteTokenizer:
     """UTF-8 bytes as ids; 1 and 2 (bytes that never occur in text) are BOS and EOS. Fits the 'tiny' vocab of 256."""
-    bos_id, eos_id, pad_id, vocab_size = 1, 2, None, 256
+    bos_id, eos_id, pad_id, vocab_size, add_bos, add_eos, stop_ids = 1, 2, None, 256, True, False, (2,)
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
+        bos, eos = self.add_bos if bos is None else bos, self.add_eos if eos is None else eos
         return [1] * bos + list(text.encode()) + [2] * eos
 
 
@@ -98,15 +98,35 @@ def test_lapt_adapter_is_merged_before_the_task_lora(tmp_path):
     assert trainable == {"score.weight"} | {f"model.{n}.lora_{x}" for n in task_lora for x in "AB"}
 
 
-def test_finetune_keeps_the_best_dev_weights_and_stops_early(tmp_path):
+def _trainable(head) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in head.named_parameters() if p.requires_grad}
+
+
+# Dev scores that move: a new best at the 1st, 2nd and 4th evaluations, none at the 3rd, 5th, 6th and 7th, after which
+# the patience of 3 has run out (the 8th is never reached). The fixture's 3 dev examples alone would score the same at
+# every evaluation, and any checkpoint would pass for the best.
+SCRIPTED_DEV = [0.2, 0.5, 0.3, 0.7, 0.4, 0.6, 0.5, 0.9]
+
+
+def test_finetune_keeps_the_best_dev_weights_and_stops_early(tmp_path, monkeypatch):
     task = TASKS["cdsc-e"]
-    cfg = ft.FinetuneConfig(**CFG, epochs=6, evals_per_epoch=4, patience=2)
+    cfg = ft.FinetuneConfig(**CFG, epochs=6, evals_per_epoch=4, patience=3)
     data = load_task(task, FIXTURES)
     head = _tiny_classifier(task, cfg)
+    real_evaluate, seen = ft.evaluate, []
+
+    def scripted(h, *args, **kwargs):   # the real evaluation (loss and all), its score replaced by the script's
+        result = real_evaluate(h, *args, **kwargs)
+        seen.append(_trainable(h))
+        return {**result, task.metric: SCRIPTED_DEV[len(seen) - 1]}
+
+    monkeypatch.setattr(ft, "evaluate", scripted)
     result = ft.finetune(head, ByteTokenizer(), task, data, tmp_path / task.name, cfg, BASE, progress=False)
+    monkeypatch.setattr(ft, "evaluate", real_evaluate)
 
     records = [json.loads(line) for line in (tmp_path / task.name / "metrics.jsonl").read_text().splitlines()]
     scores = [(r["step"], r["dev_accuracy"]) for r in records if "dev_accuracy" in r]
+    assert [score for _, score in scores] == SCRIPTED_DEV[:7]   # stopped after 3 evaluations without a new best
     best, best_step, bad = -1.0, None, 0
     for i, (step, score) in enumerate(scores):     # the stopping rule, replayed on the log
         if score > best:
@@ -115,11 +135,25 @@ def test_finetune_keeps_the_best_dev_weights_and_stops_early(tmp_path):
             bad += 1
             if bad == cfg.patience:
                 assert i == len(scores) - 1, "training went on after the patience ran out"
-    assert result["dev"] == best and result["best_step"] == best_step
-    assert result["stopped_early"] == (bad == cfg.patience)
-    # The head now holds the best weights: scoring dev afresh gives the best score again.
-    predictions = ft.predict(head, ByteTokenizer(), task, data.dev, cfg)
-    assert accuracy_score(data.dev.y, predictions) == pytest.approx(result["dev"])
+    assert result["dev"] == best == 0.7 and result["best_step"] == best_step == scores[3][0]
+    assert result["stopped_early"] and bad == cfg.patience
+    # The weights of the 4th evaluation, not the last one's (training moved them since), are the ones saved in best/
+    # and the ones the head holds on return.
+    best_weights, last_weights = seen[3], seen[-1]
+    assert any(not torch.equal(best_weights[n], last_weights[n]) for n in best_weights)
+    for n, p in _trainable(head).items():
+        assert torch.equal(p, best_weights[n]), n
+    from model.safetensors import load_file
+    saved = load_file(tmp_path / task.name / "best" / "score.safetensors")
+    assert torch.equal(saved["score.weight"], best_weights["score.weight"])
+    fresh = _tiny_classifier(task, cfg)
+    ft.load_best(fresh, tmp_path / task.name / "best")
+    for n, p in _trainable(fresh).items():
+        assert torch.equal(p, best_weights[n]), n
+    # Scoring dev afresh gives the loss logged at the best evaluation.
+    dev = ft.evaluate(head, ByteTokenizer(), task, data.dev, cfg, ft.target_weights(task, data.train.y))
+    logged = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert dev["loss"] == pytest.approx(logged[3], rel=1e-6) and logged[3] != pytest.approx(logged[-1], rel=1e-6)
     for name in ("run.json", "result.json", "checkpoint.pt", "loss.svg", "best/adapter.safetensors",
                  "best/score.safetensors"):
         assert (tmp_path / task.name / name).exists()
@@ -233,6 +267,24 @@ def _tiny_checkpoint(folder: Path, tokenizer_model: Path) -> Path:
     return folder
 
 
+def _check_reloaded_run(run_dir: Path, data_dir: Path) -> None:
+    """The run rebuilt from its folder holds the best weights: trained ones (not the fresh initialisation), whose
+    dev loss is the one logged at the best evaluation. (Its dev score alone proves little: a few fixture examples
+    score the same whatever the weights.)"""
+    head, tokenizer, task, cfg = ft.open_run(run_dir)
+    result = json.loads((run_dir / "result.json").read_text())
+    fresh = ft.prepare_classifier(ft.load_base(json.loads((run_dir / "run.json").read_text())["base"]["model"])[0],
+                                  task, cfg)
+    trained, initial = _trainable(head), _trainable(fresh)
+    assert any(not torch.equal(trained[n], initial[n]) for n in trained)
+    data = load_task(task, data_dir, seed=cfg.seed)
+    dev = ft.evaluate(head, tokenizer, task, data.dev, cfg, ft.target_weights(task, data.train.y))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["eval_loss"] for r in records if "eval_loss" in r and r["step"] == result["best_step"]]
+    assert dev["loss"] == pytest.approx(logged[-1], rel=1e-5)
+    assert dev[task.metric] == pytest.approx(result["dev"])
+
+
 def test_command_line_finetune_evaluate_predict_results(tmp_path, mistral_tokenizer_path, capsys):
     checkpoint = _tiny_checkpoint(tmp_path / "tiny", mistral_tokenizer_path)
     out = tmp_path / "runs"
@@ -245,6 +297,8 @@ def test_command_line_finetune_evaluate_predict_results(tmp_path, mistral_tokeni
     printed = capsys.readouterr().out
     result = json.loads((out / "psc" / "result.json").read_text())
     assert f"psc: dev binary_f1 {result['dev']:.4f}" in printed       # the reloaded run scores what training saw
+    for name in ("cdsc-e", "psc"):
+        _check_reloaded_run(out / name, FIXTURES)
     assert prediction_file(out / "predictions", TASKS["cdsc-e"]).exists()
     table, path = write_results(out)
     assert set(json.loads(path.read_text())) == {"cdsc-e", "psc"}

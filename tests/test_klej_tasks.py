@@ -45,11 +45,11 @@ def test_every_task_reads_its_fixture_files_like_csv_quote_none(name):
     if task.has_dev:
         dev_rows = _csv_rows(folder / "dev.tsv")
         splits = [(data.train, train_rows), (data.dev, dev_rows)]
-    else:   # the hold-out: train and dev together are train.tsv, in order
-        index = np.sort(np.concatenate([[train_rows.index(r) for r in _matches(data.train, train_rows, task)],
-                                        [train_rows.index(r) for r in _matches(data.dev, train_rows, task)]]))
+    else:   # the hold-out: train and dev together are train.tsv, in order, each row with its own label
+        kept, held = _matches(data.train, train_rows, task), _matches(data.dev, train_rows, task)
+        index = np.sort(np.concatenate([[train_rows.index(r) for r in kept], [train_rows.index(r) for r in held]]))
         np.testing.assert_array_equal(index, np.arange(len(train_rows)))
-        splits = []
+        splits = [(data.train, kept), (data.dev, held)]
     for split, rows in splits:
         assert split.fields == [tuple(r[c] for c in task.inputs) for r in rows]
         if task.is_regression:
@@ -79,8 +79,17 @@ def test_tasks_without_dev_hold_out_a_stratified_seeded_tenth(name):
     data = load_task(task, FIXTURES, seed=3)
     again = load_task(task, FIXTURES, seed=3)
     assert data.dev.fields == again.dev.fields
-    assert set(data.dev.y) == set(data.train.y)           # every class is represented in dev
     assert not set(data.dev.fields) & set(data.train.fields)
+    # Stratified: each class gives a tenth of its rows (at least one), counted on the file's own labels.
+    rows = _csv_rows(FIXTURES / task.folder / "train.tsv")
+    labels = [task.labels.index(r[task.target]) for r in rows]
+    for c in set(labels):
+        n = labels.count(c)
+        assert list(data.dev.y).count(c) == (max(1, round(0.1 * n)) if n > 1 else 0), c
+    assert len(data.dev) + len(data.train) == len(rows)
+    # Seeded: other seeds hold out other rows.
+    splits = {tuple(load_task(task, FIXTURES, seed=seed).dev.fields) for seed in range(8)}
+    assert len(splits) > 1
 
 
 @pytest.mark.parametrize("seed", range(4))

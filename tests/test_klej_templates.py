@@ -8,9 +8,10 @@ from klej.templates import FIELD_LABELS, encode_example, render, truncate_longes
 
 class CharTokenizer:
     """One id per character (its code point + 3), so expected ids can be written from the text alone."""
-    bos_id, eos_id = 1, 2
+    bos_id, eos_id, add_bos, add_eos = 1, 2, True, False
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
+        bos, eos = self.add_bos if bos is None else bos, self.add_eos if eos is None else eos
         return [self.bos_id] * bos + [ord(c) + 3 for c in text] + [self.eos_id] * eos
 
 

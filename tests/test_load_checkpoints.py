@@ -1,4 +1,5 @@
 """Official checkpoint layouts load into our decoder and give transformers' logits (acceptance 1, 2, 8)."""
+import copy
 import json
 
 import pytest
@@ -121,12 +122,22 @@ def test_mistral_reference_layout(tmp_path, hf_model, tokens, fmt):
         assert (ours(tokens) - hf_logits(hf_model, tokens)).abs().max().item() <= 1e-5
 
 
-def test_bf16_load_and_meta_free(tmp_path, hf_model, tokens):
-    hf_model.save_pretrained(tmp_path)
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_bf16_load_and_meta_free(tmp_path, hf_model, tokens, stored):
+    # A float32 checkpoint cast as it loads, and a bf16 one read as it is stored: transformers' float32 logits within
+    # bf16's error, which is measured on transformers' own bf16 model (twice its error plus one rounding).
+    hf_bf16 = copy.deepcopy(hf_model).to(torch.bfloat16)   # a copy: the module's float32 model stays as it is
+    (hf_model if stored == torch.float32 else hf_bf16).save_pretrained(tmp_path)
     ours, _ = load(tmp_path, dtype=torch.bfloat16, require_tokenizer=False)
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in ours.parameters())
     with torch.no_grad():
-        assert torch.isfinite(ours(tokens).float()).all()
+        logits = ours(tokens)
+    exact, theirs = hf_logits(hf_model, tokens).double(), hf_logits(hf_bf16, tokens).double()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    scale = exact.abs().max().item()
+    ours_err, theirs_err = ((x.double() - exact).abs().max().item() for x in (logits, theirs))
+    assert ours_err <= 2 * theirs_err + 2**-8 * scale, f"bf16 logits off by {ours_err:.3g} (transformers' bf16: " \
+                                                        f"{theirs_err:.3g}, logits up to {scale:.3g})"
 
 
 # ------------------------------------------------------------------------------------------- bad input (acc. 8)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import train
+import training
 from model.args import ModelArgs
 from model.transformer import Transformer
 
@@ -46,6 +47,16 @@ def workdir(tmp_path_factory, mistral_tokenizer_path):
     return root
 
 
+@pytest.fixture(scope="module")
+def reference(workdir) -> Path:
+    """The uninterrupted run (no evaluation) that the resumed ones must equal."""
+    out = workdir / "reference"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINICURIE_CACHE", str(workdir / "cache"))
+        train.main(common(workdir, out, "--no-eval"))
+    return out
+
+
 def common(workdir, out, *extra):
     return ["--model", str(workdir / "tiny"), "--data", str(workdir / "train.jsonl"),
             "--eval-data", str(workdir / "eval.jsonl"), "--out", str(out), "--seq-len", "32", "--micro-batch", "2",
@@ -62,6 +73,28 @@ def env(workdir):
     return {**os.environ, "MINICURIE_CACHE": str(workdir / "cache"), "PYTHONPATH": str(ROOT)}
 
 
+def resume_and_check(workdir, out: Path, reference: Path, capsys, *flags) -> int:
+    """Resume the run in `out` and check that it really continued it: it starts at the checkpoint's step k > 0,
+    runs only steps k+1.. (the metrics lines of steps <= k stay as the interrupted process wrote them, timings
+    included: not rewritten by a fresh run from step 0), and ends with the uninterrupted run's losses and adapter,
+    bit for bit. A --resume that restored nothing and began again at step 0 would reproduce the same losses (the run
+    is deterministic): only the step it starts at and the untouched lines tell the two apart. -> k"""
+    k = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    before = (out / "metrics.jsonl").read_text().splitlines()[:k]
+    capsys.readouterr()
+    train.main(common(workdir, out, *flags, "--resume"))
+    assert f"resumed {out} at step {k}/" in capsys.readouterr().out
+    assert k > 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert lines[:k] == before
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, len(losses(reference)) + 1))
+    assert losses(out) == losses(reference)  # bitwise: same floats, same order
+    from model.safetensors import load_file
+    ours, theirs = (load_file(d / "adapter" / "adapter.safetensors") for d in (out, reference))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours)
+    return k
+
+
 def test_full_run_writes_the_run_folder_and_lowers_perplexity(workdir, monkeypatch):
     monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
     out = workdir / "full"
@@ -74,10 +107,8 @@ def test_full_run_writes_the_run_folder_and_lowers_perplexity(workdir, monkeypat
     assert summary["perplexity_drop"] == pytest.approx(result["perplexity_drop"])
 
 
-def test_kill_9_and_resume_reproduces_losses_bitwise(workdir, monkeypatch):
+def test_kill_9_and_resume_reproduces_losses_bitwise(workdir, reference, monkeypatch, capsys):
     monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
-    reference = workdir / "reference"
-    train.main(common(workdir, reference, "--no-eval"))
     out = workdir / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *common(workdir, out, "--no-eval")],
                             env=env(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -89,8 +120,7 @@ def test_kill_9_and_resume_reproduces_losses_bitwise(workdir, monkeypatch):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists()
-    train.main(common(workdir, out, "--no-eval", "--resume"))
-    assert losses(out) == losses(reference)  # bitwise: same floats, same order
+    resume_and_check(workdir, out, reference, capsys, "--no-eval")
 
 
 def test_existing_run_is_not_overwritten_by_accident(workdir, monkeypatch):
@@ -166,17 +196,15 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_last_good_checkpoint(workdi
     assert all(math.isfinite(json.loads(line)["loss"]) for line in (out / "metrics.jsonl").read_text().splitlines())
 
 
-def test_resume_refuses_other_settings(workdir, monkeypatch):
+def test_resume_refuses_other_settings(workdir, reference, monkeypatch, capsys):
     monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
     out = workdir / "settings"
     train.main(common(workdir, out, "--no-eval", "--max-steps-this-run", "2"))
     # Another schedule (--steps) or adapter scale grafted onto the run's first steps would be neither run.
     with pytest.raises(ValueError, match=r"--steps was 8, now 9; --lora-alpha was 8\.0, now 16\.0"):
         train.main(common(workdir, out, "--no-eval", "--resume", "--steps", "9", "--lora-alpha", "16"))
-    # Intervals may change; the same settings continue the run.
-    train.main(common(workdir, out, "--no-eval", "--resume", "--save-interval", "3"))
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == \
-        list(range(1, 9))
+    # Intervals may change; the same settings continue the run, from step 2, to the uninterrupted run's end.
+    assert resume_and_check(workdir, out, reference, capsys, "--no-eval", "--save-interval", "3") == 2
 
 
 def test_overwrite_removes_the_old_run_first(workdir, monkeypatch):
@@ -192,18 +220,17 @@ def test_overwrite_removes_the_old_run_first(workdir, monkeypatch):
     assert not any((out / name).exists() for name in ("checkpoint.pt", "adapter", "metrics.jsonl", "summary.json"))
 
 
-def test_float16_autocast_scales_the_loss_and_resumes_bitwise(workdir, monkeypatch):
+def test_float16_autocast_scales_the_loss_and_resumes_bitwise(workdir, monkeypatch, capsys):
     monkeypatch.setenv("MINICURIE_CACHE", str(workdir / "cache"))
     reference, out = workdir / "fp16-reference", workdir / "fp16-resumed"
     flags = ("--no-eval", "--autocast", "float16", "--steps", "4", "--eval-interval", "3")
     train.main(common(workdir, reference, *flags))
     train.main(common(workdir, out, *flags, "--max-steps-this-run", "2"))
     assert torch.load(out / "checkpoint.pt", weights_only=True)["extra"]["scaler"]["scale"] == 2.0 ** 16
-    train.main(common(workdir, out, *flags, "--resume"))
+    assert resume_and_check(workdir, out, reference, capsys, *flags) == 2
     records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) and r["loss_scale"] == 2.0 ** 16 and not r["skipped"] for r in records)
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 4]   # every 3 steps, and at the last one
-    assert losses(out) == losses(reference)
 
 
 def test_float16_overflow_skips_the_step_and_a_lasting_one_stops_the_run(workdir, monkeypatch):
@@ -245,3 +272,44 @@ def test_curie_style_run_nf4_bf16_checkpointing_neftune(workdir, monkeypatch):
     assert len(curve) == 6 and all(map(math.isfinite, curve))
     assert min(curve[-2:]) < curve[0]
     assert (out / "adapter" / "adapter.safetensors").exists()
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    # A write that dies half-way (a kill, a full disk) leaves the previous checkpoint whole under its name.
+    path = tmp_path / "checkpoint.pt"
+    training.atomic_torch_save({"step": 1, "w": torch.arange(1000.0)}, path)
+    real_save = torch.save
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04" + bytes(100))   # the start of a file, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space"):
+        training.atomic_torch_save({"step": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.arange(1000.0))
+    # The same for text files (config.json, summary.json, a rewritten metrics log).
+    text = tmp_path / "summary.json"
+    training.atomic_write_text(text, "old")
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: (open(self, "w").write("ne"), 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        training.atomic_write_text(text, "new")
+    assert text.read_text() == "old"
+
+
+def test_metrics_log_resumed_at_a_step_drops_the_records_after_it(tmp_path):
+    # A run killed after logging step 5 but checkpointing step 3 repeats steps 4 and 5 when resumed: their first
+    # records go, so that the log tells the run's story once. A fresh run (no resume step) starts an empty log.
+    path = tmp_path / "metrics.jsonl"
+    log = training.MetricsLog(path)
+    for step in range(1, 6):
+        log.log({"step": step, "loss": 1.0 / step})
+    lines = path.read_text().splitlines()
+    resumed = training.MetricsLog(path, resume_step=3)
+    assert [r["step"] for r in resumed.records] == [1, 2, 3]
+    assert path.read_text().splitlines() == lines[:3]
+    resumed.log({"step": 4, "loss": 0.0})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert training.MetricsLog(path).records == [] and path.read_text() == ""

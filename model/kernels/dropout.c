@@ -44,15 +44,16 @@ static inline float factor(int64_t i, uint32_t k0, uint32_t k1, uint32_t keep_be
         for (int64_t c = 0; c < n; c += CHUNK) {                                                             \
             int64_t end = c + CHUNK < n ? c + CHUNK : n;                                                     \
             for (int64_t i = c; i < end; i++)                                                                \
-                dst[i] = STORE(LOAD(src[i]) * factor(i, k0, k1, keep_below, scale));                         \
+                dst[i] = STORE(LOAD(src[i]) * factor(first + i, k0, k1, keep_below, scale));                 \
         }                                                                                                    \
     }
 
 #define F32(x) (x)
 
-/* in, out: n elements, float32 (kind 0) or bf16 (kind 1); they may be the same buffer. Returns 0, or 1 for an
+/* in, out: n elements, float32 (kind 0) or bf16 (kind 1); they may be the same buffer. in[0] is element `first` of
+ * the stream (dropout.py passes 0; a test reads the stream past 2^32 without 2^32 elements). Returns 0, or 1 for an
  * unknown kind. */
-int dropout_apply(const void *in, int in_kind, void *out, int out_kind, int64_t n, uint64_t seed,
+int dropout_apply(const void *in, int in_kind, void *out, int out_kind, int64_t n, int64_t first, uint64_t seed,
                   uint32_t keep_below, float scale, int n_threads)
 {
     uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);

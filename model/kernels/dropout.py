@@ -33,7 +33,7 @@ _MASK32 = 0xFFFFFFFF
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.dropout_apply.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
-                                  ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
+                                  ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int]
     lib.dropout_apply.restype = ctypes.c_int
     return lib
 
@@ -61,13 +61,14 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def keep_mask(seed: int, shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu"
-              ) -> torch.Tensor:
-    """The bool mask [shape] that `dropout` applies for this seed (elements in row-major order)."""
+def keep_mask(seed: int, shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu",
+              first: int = 0) -> torch.Tensor:
+    """The bool mask [shape] that `dropout` applies for this seed (elements in row-major order). `first`: the index
+    of the mask's first element in the stream (0 for `dropout`; a test reads the stream past 2^32 with it)."""
     n = 1
     for s in shape:
         n *= s
-    i = torch.arange(n, dtype=torch.int64, device=device)
+    i = torch.arange(first, first + n, dtype=torch.int64, device=device)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     h = _mix(_mix((i & _MASK32) ^ k0) ^ (i >> 32) ^ k1)
     return ((h >> 8) < keep_below(p)).view(shape)
@@ -90,7 +91,7 @@ def dropout(x: torch.Tensor, seed: int, p: float, dtype: torch.dtype) -> torch.T
     src = x.detach().contiguous()
     out = torch.empty(x.shape, dtype=dtype, device="cpu")
     rc = lib.dropout_apply(ctypes.c_void_p(src.data_ptr()), _KINDS[src.dtype], ctypes.c_void_p(out.data_ptr()),
-                           _KINDS[dtype], src.numel(), seed & (2**64 - 1), below, scale, torch.get_num_threads())
+                           _KINDS[dtype], src.numel(), 0, seed & (2**64 - 1), below, scale, torch.get_num_threads())
     if rc:
         raise RuntimeError(f"dropout kernel refused {src.dtype} -> {dtype}")
     return out
