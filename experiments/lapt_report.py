@@ -44,6 +44,10 @@ from experiments.runner import Cache, digest, file_digest, machine
 from experiments.svg import Series, bar_chart, line_chart
 
 MODEL = "smollm2-135m"
+# Part of every cache key. The commit is not (a change elsewhere must not throw away an hour of runs), so bump this
+# when a change alters the numbers of runs with the same settings (v2: SmolLM2 trains and is scored without BOS, as
+# its GGUF says, since the tokenizers follow each checkpoint's add-BOS).
+MEASURE_VERSION = 2
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -95,7 +99,7 @@ class Mode:
 MODES = {
     "full": Mode("full", steps=240, points=(0, 15, 30, 60, 120, 240), nf4_points=(30, 120), rank_point=60),
     "quick": Mode("quick", steps=24, points=(0, 3, 6, 12, 24), nf4_points=(6, 12), rank_point=6, seq_len=128,
-                  micro_batch=4, grad_accum=1, warmup=2, eval_tokens=800, eval_ctx=256, eval_stride=128, seeds=(0,),
+                  micro_batch=4, grad_accum=1, warmup=2, eval_tokens=2000, eval_ctx=256, eval_stride=128, seeds=(0,),
                   ft_epochs=1),
     "toy": Mode("toy", steps=4, points=(0, 2, 4), nf4_points=(2, 4), rank_point=2, seq_len=64, micro_batch=2,
                 grad_accum=1, warmup=1, eval_tokens=200, eval_ctx=64, eval_stride=32, seeds=(0,), ft_epochs=1,
@@ -115,14 +119,14 @@ class Report:
         self.set_files = {name: paths[name] for name in SETS}
         from data.documents import read_documents
         self.texts = {name: read_documents(path) for name, path in self.set_files.items()}
-        self.eval_settings = {"ctx": mode.eval_ctx, "stride": mode.eval_stride, "max_tokens": mode.eval_tokens,
+        self.eval_settings = {"version": MEASURE_VERSION, "ctx": mode.eval_ctx, "stride": mode.eval_stride, "max_tokens": mode.eval_tokens,
                               "sets": {name: file_digest(p) for name, p in self.set_files.items()}}
 
     # ------------------------------------------------------------------------------------------------- LAPT
 
     def lapt_settings(self, quantize: str | None = None, r: int = 32) -> dict:
         m = self.mode
-        return {"model": MODEL, "data": file_digest(self.train_file), "seq_len": m.seq_len,
+        return {"version": MEASURE_VERSION, "model": MODEL, "data": file_digest(self.train_file), "seq_len": m.seq_len,
                 "micro_batch": m.micro_batch, "grad_accum": m.grad_accum, "lr": m.lr, "warmup": m.warmup,
                 "steps": m.steps, "lora_r": r, "lora_alpha": 2 * r, "quantize": quantize, "seed": 1234,
                 "autocast": AUTOCAST}
@@ -211,7 +215,8 @@ class Report:
         adapter = self.run_dir(lapt) / "adapter" if init == "lapt" else None
         settings = {"task": {f.name: file_digest(f) for f in sorted(folder.glob("*.tsv"))}, "init": init,
                     "lapt": {**lapt, "point": self.mode.steps} if adapter else None,
-                    "config": dataclasses.asdict(cfg), "train_per_class": self.mode.ft_train_per_class,
+                    "config": dataclasses.asdict(cfg), "version": MEASURE_VERSION,
+                    "train_per_class": self.mode.ft_train_per_class,
                     "test_examples": self.mode.ft_test_examples}
 
         def work() -> dict:
