@@ -119,7 +119,8 @@ class Report:
         self.set_files = {name: paths[name] for name in SETS}
         from data.documents import read_documents
         self.texts = {name: read_documents(path) for name, path in self.set_files.items()}
-        self.eval_settings = {"version": MEASURE_VERSION, "ctx": mode.eval_ctx, "stride": mode.eval_stride, "max_tokens": mode.eval_tokens,
+        self.eval_settings = {"version": MEASURE_VERSION, "ctx": mode.eval_ctx, "stride": mode.eval_stride,
+                              "max_tokens": mode.eval_tokens,
                               "sets": {name: file_digest(p) for name, p in self.set_files.items()}}
 
     # ------------------------------------------------------------------------------------------------- LAPT
