@@ -99,7 +99,7 @@ class Mode:
 MODES = {
     "full": Mode("full", steps=240, points=(0, 15, 30, 60, 120, 240), nf4_points=(30, 120), rank_point=60),
     "quick": Mode("quick", steps=24, points=(0, 3, 6, 12, 24), nf4_points=(6, 12), rank_point=6, seq_len=128,
-                  micro_batch=4, grad_accum=1, warmup=2, eval_tokens=2000, eval_ctx=256, eval_stride=128, seeds=(0,),
+                  micro_batch=4, grad_accum=1, warmup=2, eval_tokens=800, eval_ctx=256, eval_stride=128, seeds=(0,),
                   ft_epochs=1),
     "toy": Mode("toy", steps=4, points=(0, 2, 4), nf4_points=(2, 4), rank_point=2, seq_len=64, micro_batch=2,
                 grad_accum=1, warmup=1, eval_tokens=200, eval_ctx=64, eval_stride=32, seeds=(0,), ft_epochs=1,
