@@ -110,8 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="start afresh even if --out holds a run (its checkpoint, adapters and logs are deleted first)")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dtype", choices=DTYPES, help="dtype of the frozen base weights")
-    a("--autocast", choices=["bfloat16", "float16"],
-      help="mixed precision for the forward pass (float16 adds dynamic loss scaling)")
+    a("--autocast", choices=["bfloat16", "float16", "none"],
+      help="mixed precision for the forward pass (float16 adds dynamic loss scaling; none: the base's dtype, e.g. "
+           "on a CPU without AVX-512, where bf16 products are slower than float32)")
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in backward")
     a("--neftune-alpha", type=float, help="NEFTune embedding noise (0: off; the paper: 2)")
     a("--quantize", choices=["nf4"], help="hold the base in 4-bit NF4 (QLoRA)")
@@ -128,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.model is None:
         p.error("--model is required with --preset curie (a Mistral-7B checkpoint folder)")
+    if args.autocast == "none":
+        args.autocast = None
     args.data = args.data or "train"
     args.eval_data = args.eval_data or "test"
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
