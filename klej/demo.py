@@ -89,7 +89,7 @@ def fortunes_by_file(folder: Path) -> dict[str, list[str]]:
     return {name: [f for f in items if counts[f] == 1] for name, items in found.items()}
 
 
-def build_task_files(data_dir: Path, seed: int = 0, log=print) -> Path:
+def build_task_files(data_dir: Path, seed: int = 0, log=print, examples: dict[str, int] = EXAMPLES) -> Path:
     """Write klej_fortunes/ (train.tsv, dev.tsv, test_features.tsv, and test.tsv with the labels) unless it is
     already there; built in a temporary folder and renamed into place when complete. Each file gives the same
     number of fortunes to each split, drawn at random (seeded) without overlap."""
@@ -101,14 +101,14 @@ def build_task_files(data_dir: Path, seed: int = 0, log=print) -> Path:
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".build-") as tmp:
         log(f"demo: downloading {PACKAGE}")
         fortunes = fortunes_by_file(download_fortunes(Path(tmp), log))
-        rows: dict[str, list[tuple[str, str]]] = {split: [] for split in EXAMPLES}
+        rows: dict[str, list[tuple[str, str]]] = {split: [] for split in examples}
         for name, items in fortunes.items():
-            need = sum(EXAMPLES.values())
+            need = sum(examples.values())
             if len(items) < need:
                 raise RuntimeError(f"{PACKAGE}: only {len(items)} usable fortunes in {name}, need {need}")
             order = rng.permutation(len(items))
             start = 0
-            for split, n in EXAMPLES.items():
+            for split, n in examples.items():
                 rows[split] += [(items[i], name) for i in order[start:start + n]]
                 start += n
         stage = Path(tmp) / "task"
@@ -119,7 +119,7 @@ def build_task_files(data_dir: Path, seed: int = 0, log=print) -> Path:
             if split == "test":
                 _write_tsv(stage / "test_features.tsv", ["sentence"], [(s,) for s, _ in items])
         stage.rename(folder)
-    log(f"demo: task written to {folder} ({', '.join(f'{len(FILES) * n} {s}' for s, n in EXAMPLES.items())})")
+    log(f"demo: task written to {folder} ({', '.join(f'{len(FILES) * n} {s}' for s, n in examples.items())})")
     return folder
 
 
