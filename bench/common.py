@@ -157,3 +157,22 @@ def load_smollm2_both(dtype: torch.dtype = torch.float32, gguf_blocks: bool = Tr
     theirs = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                                 dtype=dtype).eval()
     return ours, tokenizer, theirs
+
+
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+def peft_curie(base: torch.nn.Module) -> tuple[torch.nn.Module, Callable]:
+    """The reference side of a LoRA benchmark: peft's LoRA with Curie's settings (r 32, alpha 64, dropout 0.05, the
+    seven projections and the head) on a transformers model, in training mode, and loss(inputs, targets) as
+    transformers' own labels= path computes it (float32 logits, mean cross-entropy)."""
+    import peft
+    import torch.nn.functional as F
+    config = peft.LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=PEFT_TARGETS,
+                             task_type="CAUSAL_LM")
+    model = peft.get_peft_model(base, config).train()
+
+    def loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=inputs, use_cache=False).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return model, loss

@@ -60,7 +60,6 @@ BANDWIDTH_TARGET = 0.80
 SWA_TARGET = 3.0
 CURIE_TOKENS, PAPER_A6000_HOURS = 276_000_000, 106
 
-PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
 # ================================================================================================ the parent
@@ -688,9 +687,7 @@ def build_theirs_qlora(ckpt: Path, device: str, dtype, quantize: bool):
     """transformers + peft (+ bitsandbytes 4-bit NF4, double quantisation, bf16 compute) with the same adapters;
     bf16 non-quantised weights as ours (prepare_model_for_kbit_training would make them float32), gradient
     checkpointing without re-entrance, the loss as transformers' own labels= path computes it (float32 logits)."""
-    import peft
     import torch
-    import torch.nn.functional as F
     import transformers
     kwargs: dict = {"dtype": dtype}
     if quantize:
@@ -702,14 +699,8 @@ def build_theirs_qlora(ckpt: Path, device: str, dtype, quantize: bool):
     base = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), **kwargs)
     base.config.use_cache = False
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = peft.LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=PEFT_TARGETS,
-                             task_type="CAUSAL_LM")
-    model = peft.get_peft_model(base, config).train()
-
-    def loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=inputs, use_cache=False).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-    return model, loss
+    from bench.common import peft_curie
+    return peft_curie(base)
 
 
 def stage_qlora(rec: Recorder, work: Path, deadline: float, dry_run: bool) -> None:
@@ -837,7 +828,8 @@ def save_qlora(rec: Recorder, sides: dict, first: dict, micro_batch: int, seq_le
                                "loss, first step"])
     for k, s in sides.items():
         rows.append([names[k], f"{s['trainable']:,}", f"{s['load_s']:.1f}",
-                     _gib(s.get("held", s["weights"])) if device == "cuda" else "n/a on CPU", f"{first.get(k, float('nan')):.2f}",
+                     _gib(s.get("held", s["weights"])) if device == "cuda" else "n/a on CPU",
+                     f"{first.get(k, float('nan')):.2f}",
                      " / ".join(f"{x:.3f}" for x in s["seconds"]),
                      f"{rate[k]:.0f}" if k in rate else "", _gib(s["peak"]) if device == "cuda" else "n/a on CPU",
                      f"{s['losses'][0]:.4f}" if s["losses"] else ""])

@@ -38,17 +38,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 # `python bench/X.py` puts bench/ first on sys.path; the scripts import from the repo root instead (bench.common, ...).
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import (MB, alternate, load_average, machine_summary, markdown_table, median,  # noqa: E402
-                          peak_rss, profile_table, report_to_parent, reset_peak_rss, rss, run_child, set_threads,
-                          verdict)
+                          peak_rss, peft_curie, profile_table, report_to_parent, reset_peak_rss, rss, run_child,
+                          set_threads, verdict)
 
 SPEED_TARGET, MEMORY_TARGET = 1.5, 0.7
-PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 SIDES = ("ours", "theirs")
 PRECISIONS = ("fp32", "bf16")
 
@@ -64,19 +62,12 @@ def build(side: str) -> tuple[torch.nn.Module, LossFn, int]:
         model, _ = load("smollm2-135m", dtype=torch.float32, gguf_blocks=False)
         lora.inject_lora(model, lora.LoRAConfig.curie())
         return model.train(), lambda inputs, targets: model(inputs, targets=targets), model.args.vocab_size
-    import peft
     import transformers
 
     from model.sources import resolve
     gguf = resolve("smollm2-135m")
     base = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = peft.LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=PEFT_TARGETS,
-                             task_type="CAUSAL_LM")
-    model = peft.get_peft_model(base, config).train()
-
-    def loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=inputs, use_cache=False).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    model, loss = peft_curie(base)
     return model, loss, base.config.vocab_size
 
 
