@@ -89,10 +89,12 @@ def fortunes_by_file(folder: Path) -> dict[str, list[str]]:
     return {name: [f for f in items if counts[f] == 1] for name, items in found.items()}
 
 
-def build_task_files(data_dir: Path, seed: int = 0, log=print, examples: dict[str, int] = EXAMPLES) -> Path:
+def build_task_files(data_dir: Path, seed: int = 0, log=print, examples: dict[str, int] | None = None) -> Path:
     """Write klej_fortunes/ (train.tsv, dev.tsv, test_features.tsv, and test.tsv with the labels) unless it is
     already there; built in a temporary folder and renamed into place when complete. Each file gives the same
-    number of fortunes to each split, drawn at random (seeded) without overlap."""
+    number of fortunes to each split, drawn at random (seeded) without overlap: `examples` per file and split
+    (default EXAMPLES)."""
+    examples = EXAMPLES if examples is None else examples
     folder = Path(data_dir) / TASK.folder
     if (folder / "test.tsv").exists():
         return folder
