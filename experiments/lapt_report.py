@@ -101,8 +101,11 @@ MODES = {
     "quick": Mode("quick", steps=24, points=(0, 3, 6, 12, 24), nf4_points=(6, 12), rank_point=6, seq_len=128,
                   micro_batch=4, grad_accum=1, warmup=2, eval_tokens=800, eval_ctx=256, eval_stride=128, seeds=(0,),
                   ft_epochs=1),
+    # toy: the test's run. Its 24 perplexity evaluations (8 points x 3 sets) were most of its time, as many short
+    # forward passes; it scores a few disjoint 256-token windows per set instead of overlapping 64-token ones (the
+    # overlapping windows are tested in tests/test_eval_ppl.py).
     "toy": Mode("toy", steps=4, points=(0, 2, 4), nf4_points=(2, 4), rank_point=2, seq_len=64, micro_batch=2,
-                grad_accum=1, warmup=1, eval_tokens=200, eval_ctx=64, eval_stride=32, seeds=(0,), ft_epochs=1,
+                grad_accum=1, warmup=1, eval_tokens=200, eval_ctx=256, eval_stride=256, seeds=(0,), ft_epochs=1,
                 ft_train_per_class=4, ft_test_examples=30, train_documents=300, bootstrap=200),
 }
 

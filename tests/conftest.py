@@ -36,3 +36,23 @@ def mistral_tokenizer_path() -> Path:
     """The real Mistral-7B v0.1 SentencePiece model, from the mistral-common wheel."""
     from model.sources import resolve
     return resolve("mistral-tokenizer-v1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_gguf):
+    """transformers' tokenizer for the SmolLM2 GGUF, as AutoTokenizer builds it from the file (GPT-2's split).
+    Built once per session: several modules compare against it, and none changes it."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_model(smollm2_gguf):
+    """transformers' own GGUF loader's SmolLM2 (float32, eager attention, eval mode): the oracle of the parity
+    tests. Dequantising the GGUF in transformers takes ~15 s on 2 cores, so it is loaded once per session; the
+    tests only run it (forward, generate) and must not change it (copy its config before editing it)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32, attn_implementation="eager").eval()

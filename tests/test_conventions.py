@@ -20,11 +20,8 @@ PROMPTS = ["The capital of France is", "Stolicą Polski jest Warszawa, a najwię
 
 
 @pytest.fixture(scope="module")
-def smollm2_hf(smollm2_gguf):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32, attn_implementation="eager").eval()
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    return model, tok
+def smollm2_hf(smollm2_hf_model, smollm2_hf_tokenizer):
+    return smollm2_hf_model, smollm2_hf_tokenizer
 
 
 def cli_text(capsys, argv) -> str:

@@ -103,12 +103,10 @@ def test_max_tokens_keeps_whole_documents(tiny):
     assert r.documents == 1 and r.tokens == len(TEXTS[0].encode())
 
 
-def test_smollm2_matches_transformers_on_the_same_windows(smollm2_gguf):
-    transformers = pytest.importorskip("transformers")
+def test_smollm2_matches_transformers_on_the_same_windows(smollm2_gguf, smollm2_hf_model):
     from model import load
     ours, tok = load(smollm2_gguf)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = smollm2_hf_model
     text = ("Polecenie ls wyświetla informacje o plikach, domyślnie o bieżącym katalogu. Opcja -l używa długiego "
             "formatu listy. Żółta łódź płynęła po Wiśle, a źródło rzeki leży w Beskidach. ") * 4
     r = evaluate_perplexity(ours, tok, [text], ctx=64, stride=32, progress=False)

@@ -16,11 +16,9 @@ TEXT = ("Język polski należy do grupy języków zachodniosłowiańskich. Posł
 
 
 @pytest.fixture(scope="module")
-def models(smollm2_gguf):
+def models(smollm2_gguf, smollm2_hf_model):
     ours, tokenizer = load(smollm2_gguf)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32, attn_implementation="eager").eval()
-    return ours, tokenizer, hf
+    return ours, tokenizer, smollm2_hf_model
 
 
 def test_logits_match_transformers_on_256_tokens(models):

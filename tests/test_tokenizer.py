@@ -107,10 +107,9 @@ def smol_metadata(smollm2_gguf) -> dict:
 
 
 @pytest.fixture(scope="module")
-def hf_gguf(smollm2_gguf):
-    """transformers' tokenizer for the GGUF, as it builds it: GPT-2's split."""
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+def hf_gguf(smollm2_hf_tokenizer):
+    """transformers' tokenizer for the GGUF, as it builds it: GPT-2's split (conftest: built once per session)."""
+    return smollm2_hf_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ Oracles: transformers' AutoTokenizer on the same folder for the ids, transformer
 The folder is SmolLM2 as transformers writes it: its GGUF loaded by transformers, then save_pretrained of the model
 (bf16, to halve the disk) and of the tokenizer.
 """
+import copy
 import json
 import random
 import shutil
@@ -29,12 +30,10 @@ VARIED = TEXTS + [
 
 
 @pytest.fixture(scope="module")
-def hf_folder(smollm2_gguf, tmp_path_factory):
+def hf_folder(smollm2_hf_model, smollm2_hf_tokenizer, tmp_path_factory):
     folder = tmp_path_factory.mktemp("smollm2-hf")
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
-    gguf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32)
-    config = gguf_model.config
+    tok, gguf_model = smollm2_hf_tokenizer, smollm2_hf_model   # shared with other modules: left unchanged
+    config = copy.deepcopy(gguf_model.config)
     del config.quantization_config           # a model "quantised with gguf" refuses save_pretrained
     plain = type(gguf_model)(config)
     plain.load_state_dict(gguf_model.state_dict())
