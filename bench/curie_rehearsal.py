@@ -104,19 +104,22 @@ def write_checkpoint(folder: Path, n_layers: int, layers_per_shard: int = 2) -> 
     return folder
 
 
-def native_bf16(device: str = "cpu") -> tuple[bool, str]:
-    """Whether `device` multiplies bf16 matrices natively, and the evidence (for the report)."""
+def native_bf16(device: str = "cpu", cpuinfo: str | None = None) -> tuple[bool, str]:
+    """Whether `device` multiplies bf16 matrices natively, and the evidence (for the report); `cpuinfo` stands in
+    for /proc/cpuinfo's text (tests)."""
     if device.startswith("cuda"):
         ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return ok, f"CUDA bf16 {'supported' if ok else 'not supported'}"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False, "no /proc/cpuinfo"
     flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        return False, "no /proc/cpuinfo"
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
     found = sorted(flags & {"avx512_bf16", "amx_bf16"})
     return bool(found), ("CPU flags " + ", ".join(found)) if found else "CPU without avx512_bf16 / amx_bf16"
 
