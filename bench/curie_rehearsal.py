@@ -18,6 +18,13 @@ every 0.2 s) and page faults (minor + major, from wait4's rusage). Printed as a 
     python bench/curie_rehearsal.py                      # full 7B shape; the checkpoint (14.5 GB) is written once
     python bench/curie_rehearsal.py --layers 2           # same per-layer shapes, 2 layers (minutes)
     python bench/curie_rehearsal.py --write-only         # only write (or find) the checkpoint
+    python bench/curie_rehearsal.py --compute float32    # the stages' products in float32 (see below)
+
+--compute: the paper computes in bf16 (autocast over a bf16 base). A CPU without bf16 dot-product instructions
+(AVX-512 BF16 or AMX; e.g. AMD Zen 3, AVX2 only) emulates bf16 products at a few GFLOP/s, ~30 minutes per 7B step,
+so `auto` (the default) runs bf16 only where the hardware multiplies bf16 natively and float32 otherwise:
+train.py --dtype float32 --autocast none (everything else of the curie preset unchanged), eval_ppl.py / generate.py
+--dtype float32. The checkpoint stays bf16 on disk either way; the NF4 base is the same 4-bit codes.
 """
 from __future__ import annotations
 
@@ -97,6 +104,26 @@ def write_checkpoint(folder: Path, n_layers: int, layers_per_shard: int = 2) -> 
     return folder
 
 
+def native_bf16(device: str = "cpu", cpuinfo: str | None = None) -> tuple[bool, str]:
+    """Whether `device` multiplies bf16 matrices natively, and the evidence (for the report); `cpuinfo` stands in
+    for /proc/cpuinfo's text (tests)."""
+    if device.startswith("cuda"):
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return ok, f"CUDA bf16 {'supported' if ok else 'not supported'}"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False, "no /proc/cpuinfo"
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(found), ("CPU flags " + ", ".join(found)) if found else "CPU without avx512_bf16 / amx_bf16"
+
+
 def _anon_bytes(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -162,10 +189,19 @@ def main() -> None:
     p.add_argument("--stages", default="train,resume,eval,generate",
                    help="comma-separated: train, resume, eval, generate; also load (the NF4 load alone) and layer "
                         "(one decoder layer's NF4 projections, forward and backward)")
+    p.add_argument("--compute", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="dtype of the stages' matrix products: bfloat16 (the paper), float32, or auto (bfloat16 where "
+                        "the hardware has native bf16 products: CUDA with bf16, a CPU with avx512_bf16 or amx_bf16)")
     p.add_argument("--repo", type=Path, default=ROOT,
                    help="run the stages with the train.py / eval_ppl.py / generate.py of this checkout (before/after)")
     a = p.parse_args()
     a.out = a.out.resolve()
+    native, why = native_bf16("cpu")
+    compute = a.compute if a.compute != "auto" else ("bfloat16" if native else "float32")
+    why = f"{'--compute ' + a.compute if a.compute != 'auto' else 'auto'}: {why}"
+    print(f"compute dtype: {compute} ({why})", file=sys.stderr, flush=True)
+    # bf16: the curie preset as it is (bf16 base, bf16 autocast); float32: a float32 base and no autocast.
+    precision = [] if compute == "bfloat16" else ["--dtype", "float32", "--autocast", "none"]
     folder = a.folder or cache_dir() / ("mistral-7b-shape" if a.layers == 32 else f"mistral-7b-shape-L{a.layers}")
     t0 = time.perf_counter()
     write_checkpoint(folder, a.layers)
@@ -180,21 +216,21 @@ def main() -> None:
     py = [sys.executable]
     train = py + ["train.py", "--preset", "curie", "--model", str(folder), "--out", str(run), "--steps", "3",
                   "--micro-batch", "1", "--grad-accum", "1", "--seq-len", str(a.seq_len), "--no-eval",
-                  "--eval-interval", "0", "--device", "cpu"]
+                  "--eval-interval", "0", "--device", "cpu"] + precision
     commands = {
         "train": ("train (2 steps)", train + ["--max-steps-this-run", "2"]),
         "resume": ("resume (1 step)", train + ["--resume"]),
         "eval": (f"eval_ppl (~{a.eval_tokens} tokens)",
-                 py + ["eval_ppl.py", "--model", str(folder), "--quantize", "nf4", "--dtype", "bfloat16", "--data",
+                 py + ["eval_ppl.py", "--model", str(folder), "--quantize", "nf4", "--dtype", compute, "--data",
                        "test", "--ctx", "256", "--stride", "256", "--max-tokens", str(a.eval_tokens), "--device",
                        "cpu"]),
         "generate": (f"generate ({a.new_tokens} tokens)",
-                     py + ["generate.py", "--model", str(folder), "--quantize", "nf4", "--dtype", "bfloat16",
+                     py + ["generate.py", "--model", str(folder), "--quantize", "nf4", "--dtype", compute,
                            "--prompt", "Stolica Polski to", "--max-new-tokens", str(a.new_tokens), "--device", "cpu"]),
     }
     # load: model.load(quantize="nf4") alone, then the process's own VmHWM and the checkpoint's files still mapped.
     load_only = ("import sys, torch; from pathlib import Path; from model.loading import load\n"
-                 "model, tok = load(sys.argv[1], dtype=torch.bfloat16, quantize='nf4')\n"
+                 "model, tok = load(sys.argv[1], dtype=getattr(torch, sys.argv[2]), quantize='nf4')\n"
                  "maps = {l.split()[-1] for l in open('/proc/self/maps') if l.count(' ') >= 5}\n"
                  "print('files still mapped:', sum(str(f) in maps for f in Path(sys.argv[1]).iterdir()))\n")
     # layer: one decoder layer's seven NF4 projections (Mistral-7B's shapes), forward and backward over 16 tokens
@@ -212,7 +248,7 @@ def main() -> None:
              "f1 = resource.getrusage(resource.RUSAGE_SELF)\n"
              "print(f'per layer pass (forward + backward): {time.perf_counter() - t0:.2f} s, '\n"
              "      f'{(f1.ru_minflt - f0.ru_minflt) / 1e3:.0f} k page faults')\n")
-    commands["load"] = ("load (NF4)", py + ["-c", load_only, str(folder)])
+    commands["load"] = ("load (NF4)", py + ["-c", load_only, str(folder), compute])
     commands["layer"] = ("one layer's NF4 fwd+bwd (x2)", py + ["-c", layer])
     wanted = a.stages.split(",")
     unknown = [s for s in wanted if s not in commands]
@@ -221,14 +257,16 @@ def main() -> None:
     stages = [run_stage(*commands[s], a.out / f"{s}.log", a.repo.resolve()) for s in wanted]
     steps = step_times(run / "metrics.jsonl", resumed_at=2) if (run / "metrics.jsonl").exists() else []
     shape = f"{a.layers} layers" + (" (Mistral-7B)" if a.layers == 32 else " (Mistral-7B's per-layer shapes)")
-    print(f"\nCurie rehearsal, {shape}; seconds per {a.seq_len}-token step: {', '.join(f'{s:.1f}' for s in steps)}\n")
+    print(f"\nCurie rehearsal, {shape}; compute dtype {compute} ({why}); seconds per {a.seq_len}-token step: "
+          f"{', '.join(f'{s:.1f}' for s in steps)}\n")
     print("| stage | wall (s) | user / sys CPU (s) | peak RSS, file pages incl. (GB) | peak anonymous (GB) "
           "| page faults (M) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in stages:
         print(f"| {r['stage']} | {r['wall_s']:.0f} | {r['user_s']:.0f} / {r['sys_s']:.0f} | {r['peak_rss'] / GB:.2f} "
               f"| {r['peak_anon'] / GB:.2f} | {r['faults'] / 1e6:.2f} |")
-    (a.out / "rehearsal.json").write_text(json.dumps({"layers": a.layers, "repo": str(a.repo), "steps_s": steps,
+    (a.out / "rehearsal.json").write_text(json.dumps({"layers": a.layers, "repo": str(a.repo), "compute": compute,
+                                                      "compute_why": why, "steps_s": steps,
                                                       "stages": stages}, indent=1))
 
 
