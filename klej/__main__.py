@@ -68,7 +68,8 @@ def _common(p: argparse.ArgumentParser, task: bool = True, data: bool = True, de
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from klej.finetune import DTYPES, FinetuneConfig
+    from klej.finetune import FinetuneConfig
+    from training import DTYPES
     defaults = FinetuneConfig()
     p = argparse.ArgumentParser(prog="python -m klej", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
