@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from model import kernels
+from training import DTYPES
 
 
 @dataclass
@@ -69,7 +69,7 @@ def windows(n: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
 
 
 @torch.no_grad()
-def _score_batch(model, batch: list[list[int]], firsts: list[int], device, chunk: int = 1024) -> float:
+def _score_batch(model, batch: list[list[int]], firsts: list[int], device) -> float:
     """Sum of -log p(target) over the scored targets of a batch of windows (inputs right-padded)."""
     width = max(len(w) for w in batch) - 1
     tokens = torch.zeros(len(batch), width, dtype=torch.long)
@@ -82,11 +82,11 @@ def _score_batch(model, batch: list[list[int]], firsts: list[int], device, chunk
         rows.append(h[i, first - 1: len(w) - 1])                    # position p predicts token p + 1
         targets.append(torch.tensor(w[first:], device=device))
     h, targets = torch.cat(rows), torch.cat(targets)
-    total = 0.0
-    for s in range(0, len(targets), chunk):  # bound the [rows, vocab] logits
-        logits = model.output(h[s:s + chunk]).float()
-        total += F.cross_entropy(logits, targets[s:s + chunk], reduction="sum").item()
-    return total
+    # The fused head + loss that Transformer.forward(tokens, targets=...) computes, on the scored rows alone: chunks
+    # of rows, so the [rows, vocab] logits are never built. It returns the mean over the rows; the sum is wanted.
+    terms = model.output.logit_terms(h) if hasattr(model.output, "logit_terms") else [(h, model.output.weight)]
+    (x, weight), *extra = terms
+    return kernels.linear_cross_entropy(x, weight, targets, extra_terms=tuple(extra)).item() * len(targets)
 
 
 def evaluate_perplexity(model, tokenizer, texts: list[str], ctx: int = 1024, stride: int = 512,

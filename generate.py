@@ -12,8 +12,7 @@ import time
 import torch
 
 from model import generate, load
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from training import DTYPES
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """Language-adaptive pre-training (LAPT): freeze an English model, train LoRA adapters on Polish text.
 
-    python train.py                      # SmolLM2-135M on the Polish corpus, on the CPU, 5-10 minutes
+    python train.py                      # SmolLM2-135M on the Polish corpus, on the CPU (minutes: README)
     python train.py --preset curie --model path/to/mistral-7b      # the paper's recipe, on a GPU
     torchrun --nproc_per_node=2 train.py ...                        # data-parallel (DDP)
 
@@ -9,8 +9,9 @@ The loop, in the order the code runs it:
   2. pack the tokenised corpus into blocks of seq_len + 1 tokens (EOS after each document, BOS before each when
      the checkpoint's tokenizer adds one);
   3. measure held-out Polish perplexity of the base model (eval_ppl.evaluate_perplexity);
-  4. AdamW on the adapters: micro-batches, gradient accumulation, clipping, warm-up + decay, optional bf16
-     autocast, activation checkpointing and NEFTune noise; atomic checkpoints every --save-interval steps;
+  4. AdamW on the adapters: micro-batches, gradient accumulation, clipping, warm-up + decay, bf16 autocast where
+     the device has native bf16 (--autocast auto), activation checkpointing and NEFTune noise; atomic checkpoints
+     every --save-interval steps;
   5. measure perplexity again, save the adapter (and optionally a peft adapter and a merged checkpoint).
 
 A run killed at any moment and restarted with --resume continues from its last checkpoint and reproduces the
@@ -23,14 +24,13 @@ stops only when the gradients are not finite even at a scale below 1.)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ from tqdm import tqdm
 import training
 from eval_ppl import evaluate_perplexity
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from training import DTYPES
 
 # The paper's recipe (Curie-7B-v1, section 3): LoRA r 32 / alpha 64 / dropout 0.05 on every projection and the head,
 # sequence length 256, AdamW at 2.5e-5 after 200 warm-up steps, bf16, gradient checkpointing, NEFTune alpha 2.
@@ -48,13 +48,12 @@ PRESETS = {
     "cpu-smollm2": dict(model="smollm2-135m", seq_len=256, micro_batch=4, grad_accum=2, lr=2e-3, warmup=10,
                         schedule="cosine", steps=60, lora_r=32, lora_alpha=64, lora_dropout=0.05,
                         eval_max_tokens=12000, eval_ctx=512, eval_stride=256, eval_interval=0, save_interval=10,
-                        # bf16 autocast: this CPU's AVX-512 bf16 doubles the matmul throughput (docs/benchmarks.md)
-                        dtype="float32", autocast="bfloat16", grad_checkpointing=False, neftune_alpha=0.0,
+                        dtype="float32", autocast="auto", grad_checkpointing=False, neftune_alpha=0.0,
                         quantize=None),
     "curie": dict(seq_len=256, micro_batch=8, grad_accum=4, lr=2.5e-5, warmup=200, schedule="cosine",
                   steps=None, tokens=276_000_000, lora_r=32, lora_alpha=64, lora_dropout=0.05,
                   eval_max_tokens=200_000, eval_ctx=1024, eval_stride=512, eval_interval=500, save_interval=500,
-                  dtype="bfloat16", autocast="bfloat16", grad_checkpointing=True, neftune_alpha=2.0,
+                  dtype="bfloat16", autocast="auto", grad_checkpointing=True, neftune_alpha=2.0,
                   quantize="nf4"),
 }
 CURIE_TARGETS = "wq,wk,wv,wo,w1,w2,w3,output"
@@ -110,9 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="start afresh even if --out holds a run (its checkpoint, adapters and logs are deleted first)")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--dtype", choices=DTYPES, help="dtype of the frozen base weights")
-    a("--autocast", choices=["bfloat16", "float16", "none"],
-      help="mixed precision for the forward pass (float16 adds dynamic loss scaling; none: the base's dtype, e.g. "
-           "on a CPU without AVX-512, where bf16 products are slower than float32)")
+    a("--autocast", choices=training.AUTOCAST_CHOICES,
+      help="mixed precision for the forward pass. auto (the presets' default): bfloat16 where the device multiplies "
+           "bf16 natively (a CUDA GPU with bf16, a CPU with avx512_bf16 or amx_bf16), else none; elsewhere bf16 "
+           "products are emulated and slower than float32. float16 adds dynamic loss scaling; none: the base's "
+           "dtype. The resolved choice is printed at start-up and recorded in the run's settings")
     a("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute activations in backward")
     a("--neftune-alpha", type=float, help="NEFTune embedding noise (0: off; the paper: 2)")
     a("--quantize", choices=["nf4"], help="hold the base in 4-bit NF4 (QLoRA)")
@@ -129,11 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.model is None:
         p.error("--model is required with --preset curie (a Mistral-7B checkpoint folder)")
-    if args.autocast == "none":
-        args.autocast = None
     args.data = args.data or "train"
     args.eval_data = args.eval_data or "test"
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.autocast = training.resolve_autocast(args.autocast, args.device)  # "bfloat16", "float16" or None
     args.out = args.out or Path("runs") / f"lapt-{args.preset}"
     return args
 
@@ -164,20 +164,139 @@ class PackedBlocks:
         return torch.stack([self.block(first_sample + k) for k in range(size)])
 
 
-# ------------------------------------------------------------------------------------------------------- set-up
+# ------------------------------------------------------------------------------------------------------- the loop
 
-def setup_distributed(device: str) -> tuple[int, int, str]:
-    """(rank, world size, device) — torchrun sets WORLD_SIZE; gloo on CPU, NCCL on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    rank = dist.get_rank()
-    if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    return rank, world, device
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    rank, world, device = training.setup_distributed(args.device)
+    run = Run(args, rank, world, device)
+    ckpt = open_run_folder(run)  # refuses to take over another run's folder; the checkpoint to --resume, if any
+    training.set_seed(args.seed)
+    run.say(f"loading {args.model} on {device} ({args.dtype}; autocast: {args.autocast or 'none'})")
+    model, tokenizer, lora_cfg, summary = build_model(args, device)
+    run.say(summary)
+    blocks, eval_texts, val_batch = read_data(run, tokenizer)
+
+    steps = total_steps(args, world)
+    global_batch = args.micro_batch * args.grad_accum * world
+    train_model = training.wrap_distributed(model, args.fsdp, world, device)  # FSDP swaps in sharded parameters: first
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    scheduler = training.make_scheduler(optimizer, args.schedule, args.warmup, steps, args.min_lr_factor)
+    scaler = training.loss_scaler(device, args.autocast)  # float16 only; a no-op otherwise
+    start_step, before = resume(run, ckpt, train_model, model, optimizer, scheduler, scaler) if ckpt else (0, None)
+    ckpt = None  # its copies of the adapters and the optimiser state are in place now
+    metrics = training.MetricsLog(args.out / "metrics.jsonl", resume_step=start_step if args.resume else None) \
+        if run.main else None
+    if eval_texts is not None and before is None:
+        before = perplexity(run, model, tokenizer, eval_texts, "base perplexity").__dict__
+        run.say(f"base model: {args.eval_data} perplexity {before['perplexity']:.3f} ({before['tokens']} tokens, "
+                f"{before['bits_per_byte']:.4f} bits/byte)")
+
+    autocast = training.autocast_context(device, args.autocast)
+    model.train()
+    bar = tqdm(total=steps, initial=start_step, desc="LAPT", unit="step", disable=not run.main)
+    t0, tokens_done = time.perf_counter(), 0
+    stop_at = steps if args.max_steps_this_run is None else min(steps, start_step + args.max_steps_this_run)
+    for step in range(start_step, stop_at):
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            first = step * global_batch + (micro * world + rank) * args.micro_batch
+            batch = blocks.batch(first, args.micro_batch).to(device)
+            with training.gradient_sync(train_model, micro == args.grad_accum - 1, world, args.fsdp), autocast:
+                # The fused head + loss (Transformer.forward with targets): no [micro_batch, seq_len, vocab] logits.
+                loss = train_model(batch[:, :-1], targets=batch[:, 1:])
+            scaler.scale(loss / args.grad_accum).backward()
+            loss_sum += loss.detach() / args.grad_accum
+        loss_value = training.mean_over_ranks(loss_sum, world).item()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+        grad_norm, scale = training.optimizer_step(optimizer, scaler, trainable, args.grad_clip, step + 1, loss_value,
+                                                   run.checkpoint)
+        scheduler.step()
+        tokens_done += global_batch * args.seq_len
+        rate = tokens_done / (time.perf_counter() - t0)
+        record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": (step + 1) * global_batch * args.seq_len, "tokens_per_s": rate}
+        if scale is not None:
+            record["loss_scale"], record["skipped"] = scale, not math.isfinite(grad_norm)
+        if val_batch is not None and ((step + 1) % args.eval_interval == 0 or step + 1 == steps):
+            record["eval_loss"] = validation_loss(model, val_batch.to(device), autocast)
+        if run.main:
+            metrics.log(record)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}")
+            bar.update(1)
+        if (step + 1) % args.save_interval == 0 or step + 1 in (steps, stop_at):
+            save_checkpoint(run, step + 1, model, optimizer, scheduler, scaler, before, metrics)
+    bar.close()
+    if stop_at < steps:
+        run.say(f"stopped after step {stop_at} as asked; continue with --resume")
+        return {"stopped_at": stop_at}
+    return finish(run, model, tokenizer, lora_cfg, optimizer, eval_texts, metrics,
+                  {"model": str(args.model), "steps": steps, "tokens": steps * global_batch * args.seq_len,
+                   "lora": summary, "before": before})
+
+
+# ------------------------------------------------------------------------------------------------------- its helpers
+
+@dataclass
+class Run:
+    """This process's place in the run: its flags, its rank among the torchrun processes, its device."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: str
+
+    @property
+    def main(self) -> bool:  # rank 0 writes the run folder and prints
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:  # FSDP: no process holds whole weights
+        return self.args.fsdp and self.world > 1
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.args.out / "checkpoint.pt"
+
+    def say(self, *a, **k) -> None:
+        if self.main:
+            print(*a, **k)
+
+
+def open_run_folder(run: Run) -> dict | None:
+    """Check that --out may be written (it holds no other run, or --resume / --overwrite says what to do with it),
+    clear it for a fresh run, write config.json; -> the checkpoint to resume (its settings checked), or None."""
+    args, out = run.args, run.args.out
+    earlier = ", ".join(name for name in RUN_OUTPUTS if (out / name).exists())
+    if earlier and not (args.resume or args.overwrite):
+        sys.exit(f"train.py: error: {out} already holds a run ({earlier}); pass --resume to continue it, "
+                 f"--overwrite to start afresh, or another --out")
+    if args.resume and not run.checkpoint.exists():
+        if earlier and not args.overwrite:
+            sys.exit(f"train.py: error: {out} holds no checkpoint to --resume, but another run's {earlier}; pass "
+                     f"--overwrite to replace them, or another --out")
+        run.say(f"no checkpoint in {out}: starting afresh")
+        args.resume = False
+    ckpt = None
+    if args.resume:  # before minutes of loading: a run resumed with other settings is refused here
+        ckpt = training.read_checkpoint(run.checkpoint)
+        check_same_run(run.checkpoint, ckpt["extra"].get("settings"), run_settings(args, run.world))
+    if args.autocast == "float16" and run.sharded:
+        raise ValueError("--autocast float16 with --fsdp: the loss scaler here is not shard-aware; use bfloat16")
+    if run.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite and not args.resume:  # nothing of the old run may survive to be taken for this one's
+            for name in RUN_OUTPUTS:
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name)
+                else:
+                    (out / name).unlink(missing_ok=True)
+        if not args.resume:
+            for stale in ("metrics.jsonl", "loss.svg"):
+                (out / stale).unlink(missing_ok=True)
+        run_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        training.atomic_write_text(out / "config.json", json.dumps(run_config, indent=2))
+    return ckpt
 
 
 def build_model(args, device: str):
@@ -199,16 +318,23 @@ def build_model(args, device: str):
     return model, tokenizer, cfg, parameter_summary(model)
 
 
-def wrap_distributed(model, args, world: int, device: str):
-    if world == 1:
-        return model
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.layers:
-            fully_shard(layer)
-        return fully_shard(model)
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+def read_data(run: Run, tokenizer) -> tuple[PackedBlocks, list[str] | None, torch.Tensor | None]:
+    """-> (the training blocks, the held-out documents of the before/after perplexity, the validation batch); the
+    last two None when not asked for."""
+    from data.documents import read_documents
+    from data.tokens import cached_token_file, load_tokens
+    args = run.args
+    run.say(f"tokenising training data ({args.data})")
+    tokenizer_key = _tokenizer_key(args.model, tokenizer)
+    if run.sharded and not args.no_eval:
+        run.say("with --fsdp no process holds whole weights: evaluate the adapter afterwards with eval_ppl.py")
+
+    def read():  # may build the corpus and token files: rank 0 first, the others then read them
+        return (cached_token_file(args.data, tokenizer, tokenizer_key),
+                None if args.no_eval or run.sharded else read_documents(args.eval_data),
+                _validation_batch(args, tokenizer, tokenizer_key) if args.eval_interval else None)
+    token_path, eval_texts, val_batch = training.on_rank_0_first(read, run.rank, run.world)
+    return PackedBlocks(load_tokens(token_path), args.seq_len, args.seed), eval_texts, val_batch
 
 
 def total_steps(args, world: int) -> int:
@@ -218,194 +344,58 @@ def total_steps(args, world: int) -> int:
     return max(1, math.ceil(args.tokens / per_step))
 
 
-# ------------------------------------------------------------------------------------------------------- main
+def resume(run: Run, ckpt: dict, train_model, model, optimizer, scheduler, scaler) -> tuple[int, dict | None]:
+    """Put the checkpoint's adapters, optimiser, scheduler, loss scale and RNGs in place; -> (its step, the base
+    model's perplexity it measured)."""
+    if run.sharded:
+        training.load_sharded_checkpoint(ckpt, train_model, optimizer, scheduler)
+    else:
+        training.load_checkpoint(run.checkpoint, model, optimizer, scheduler, ckpt=ckpt)
+    if ckpt["extra"].get("scaler"):
+        scaler.load_state_dict(ckpt["extra"]["scaler"])
+    # The checkpoint's "rng" is rank 0's. On CPU every rank's generator is in the same state anyway; on CUDA rank
+    # k draws from device k's generator, which only rank k's process has advanced: each rank takes its own.
+    if ckpt["extra"].get("rng_per_rank"):
+        training.set_rng_state(ckpt["extra"]["rng_per_rank"][run.rank])
+    run.say(f"resumed {run.args.out} at step {ckpt['step']}/{total_steps(run.args, run.world)}")
+    return ckpt["step"], ckpt["extra"].get("before")
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
-    main_process = rank == 0
-    say = print if main_process else (lambda *a, **k: None)
-    out: Path = args.out
-    ckpt_path = out / "checkpoint.pt"
-    earlier = ", ".join(name for name in RUN_OUTPUTS if (out / name).exists())
-    if earlier and not (args.resume or args.overwrite):
-        sys.exit(f"train.py: error: {out} already holds a run ({earlier}); pass --resume to continue it, "
-                 f"--overwrite to start afresh, or another --out")
-    if args.resume and not ckpt_path.exists():
-        if earlier and not args.overwrite:
-            sys.exit(f"train.py: error: {out} holds no checkpoint to --resume, but another run's {earlier}; pass "
-                     f"--overwrite to replace them, or another --out")
-        say(f"no checkpoint in {out}: starting afresh")
-        args.resume = False
-    settings = run_settings(args, world)
-    ckpt = None
-    if args.resume:  # before minutes of loading: a run resumed with other settings is refused here
-        ckpt = training.read_checkpoint(ckpt_path)
-        check_same_run(ckpt_path, ckpt["extra"].get("settings"), settings)
-    if args.autocast == "float16" and args.fsdp and world > 1:
-        raise ValueError("--autocast float16 with --fsdp: the loss scaler here is not shard-aware; use bfloat16")
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if args.overwrite and not args.resume:  # nothing of the old run may survive to be taken for this one's
-            for name in RUN_OUTPUTS:
-                if (out / name).is_dir():
-                    shutil.rmtree(out / name)
-                else:
-                    (out / name).unlink(missing_ok=True)
-        if not args.resume:
-            for stale in ("metrics.jsonl", "loss.svg"):
-                (out / stale).unlink(missing_ok=True)
-        run_config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        training.atomic_write_text(out / "config.json", json.dumps(run_config, indent=2))
 
-    training.set_seed(args.seed)
-    say(f"loading {args.model} on {device} ({args.dtype})")
-    model, tokenizer, lora_cfg, summary = build_model(args, device)
-    say(summary)
+def save_checkpoint(run: Run, step: int, model, optimizer, scheduler, scaler, before, metrics) -> None:
+    """Every rank calls this (FSDP gathers whole tensors, and each rank's RNG state is collected); rank 0 writes the
+    checkpoint, atomically, and redraws the loss picture."""
+    full = training.gather_full_state(model, optimizer) if run.sharded else {}
+    rngs = training.gather_rng_states() if run.world > 1 else None  # each rank's dropout/noise stream
+    if run.main:
+        training.save_checkpoint(run.checkpoint, model, optimizer, scheduler, step, {"step": step},
+                                 extra={"before": before, "rng_per_rank": rngs,
+                                        "settings": run_settings(run.args, run.world),
+                                        "scaler": scaler.state_dict() if scaler.is_enabled() else None}, **full)
+        training.loss_curve_svg(metrics.records, run.args.out / "loss.svg", f"LAPT of {run.args.model}")
 
-    from data.documents import read_documents
-    from data.tokens import cached_token_file, load_tokens
-    say(f"tokenising training data ({args.data})")
-    tokenizer_key = _tokenizer_key(args.model, tokenizer)
-    sharded = args.fsdp and world > 1
-    if sharded and not args.no_eval:
-        say("with --fsdp no process holds whole weights: evaluate the adapter afterwards with eval_ppl.py")
 
-    def read_data():  # may build the corpus and token files: rank 0 first, the others then read them
-        return (cached_token_file(args.data, tokenizer, tokenizer_key),
-                None if args.no_eval or sharded else read_documents(args.eval_data),
-                _validation_batch(args, tokenizer, tokenizer_key) if args.eval_interval else None)
-    token_path, eval_texts, val_batch = _on_rank_0_first(read_data, rank, world)
-    blocks = PackedBlocks(load_tokens(token_path), args.seq_len, args.seed)
+def perplexity(run: Run, model, tokenizer, texts: list[str], desc: str):
+    """Held-out perplexity; every rank scores its share of the windows (distributed), so none idles at a collective
+    meanwhile."""
+    args = run.args
+    return evaluate_perplexity(model, tokenizer, texts, ctx=args.eval_ctx, stride=args.eval_stride,
+                               max_tokens=args.eval_max_tokens, distributed=run.world > 1, progress=run.main,
+                               desc=desc)
 
-    steps = total_steps(args, world)
-    global_batch = args.micro_batch * args.grad_accum * world
-    train_model = wrap_distributed(model, args, world, device)  # FSDP swaps in sharded parameters: do it first
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    scheduler = training.make_scheduler(optimizer, args.schedule, args.warmup, steps, args.min_lr_factor)
-    # float16 has 5 exponent bits: small gradients underflow to zero and large ones overflow. Dynamic loss scaling
-    # multiplies the loss before the backward and divides the gradients after it, skipping a step whose gradients
-    # overflowed (and halving the scale). bfloat16 has float32's range and needs none: the scaler is then a no-op.
-    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=args.autocast == "float16")
 
-    start_step, before = 0, None
-    if args.resume:
-        if sharded:
-            _load_sharded_checkpoint(ckpt, train_model, optimizer, scheduler)
-        else:
-            training.load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt=ckpt)
-        if ckpt["extra"].get("scaler"):
-            scaler.load_state_dict(ckpt["extra"]["scaler"])
-        # The checkpoint's "rng" is rank 0's. On CPU every rank's generator is in the same state anyway; on CUDA rank
-        # k draws from device k's generator, which only rank k's process has advanced: each rank takes its own.
-        if ckpt["extra"].get("rng_per_rank"):
-            training.set_rng_state(ckpt["extra"]["rng_per_rank"][rank])
-        start_step, before = ckpt["step"], ckpt["extra"].get("before")
-        ckpt = None  # its copies of the adapters and the optimiser state are in place now
-        say(f"resumed {out} at step {start_step}/{steps}")
-    metrics = training.MetricsLog(out / "metrics.jsonl", resume_step=start_step if args.resume else None) \
-        if main_process else None
-
-    # Every rank scores its share of the windows (distributed=True), so none idles at a collective meanwhile.
-    eval_kw = dict(ctx=args.eval_ctx, stride=args.eval_stride, max_tokens=args.eval_max_tokens,
-                   distributed=world > 1, progress=main_process)
-    if eval_texts is not None and before is None:
-        r = evaluate_perplexity(model, tokenizer, eval_texts, desc="base perplexity", **eval_kw)
-        before = r.__dict__
-        say(f"base model: {args.eval_data} perplexity {r.perplexity:.3f} ({r.tokens} tokens, "
-            f"{r.bits_per_byte:.4f} bits/byte)")
-
-    autocast = (torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[args.autocast])
-                if args.autocast else contextlib.nullcontext())
-    model.train()
-    bar = tqdm(total=steps, initial=start_step, desc="LAPT", unit="step", disable=not main_process)
-    t0, tokens_done = time.perf_counter(), 0
-    stop_at = steps if args.max_steps_this_run is None else min(steps, start_step + args.max_steps_this_run)
-    step = start_step
-    for step in range(start_step, stop_at):
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            first = step * global_batch + (micro * world + rank) * args.micro_batch
-            batch = blocks.batch(first, args.micro_batch).to(device)
-            last = micro == args.grad_accum - 1
-            sync = train_model.no_sync() if world > 1 and not args.fsdp and not last else contextlib.nullcontext()
-            if sharded:  # FSDP2: reduce-scatter the gradients only after the last micro-batch
-                train_model.set_requires_gradient_sync(last)
-            with sync, autocast:
-                # The fused head + loss (Transformer.forward with targets): no [micro_batch, seq_len, vocab] logits.
-                loss = train_model(batch[:, :-1], targets=batch[:, 1:])
-            scaler.scale(loss / args.grad_accum).backward()
-            loss_sum += loss.detach() / args.grad_accum
-        if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        loss_value = loss_sum.item()
-        if not math.isfinite(loss_value):
-            raise training.NonFiniteLoss(
-                f"loss is {loss_value} at step {step + 1}; stopping. The last good checkpoint is kept in "
-                f"{ckpt_path} (try a lower --lr or --grad-clip)")
-        scaler.unscale_(optimizer)
-        # The norm is measured even when clipping is off (max_norm inf): a finite loss can still have gradients
-        # that are not finite, and one AdamW step on them would turn every adapter weight into NaN.
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or math.inf))
-        if not math.isfinite(grad_norm) and not scaler.is_enabled():
-            raise training.NonFiniteLoss(
-                f"gradient norm is {grad_norm} at step {step + 1} (loss {loss_value:.4f}); stopping before the "
-                f"update. The last good checkpoint is kept in {ckpt_path} (try a lower --lr)")
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-        scale = scaler.get_scale() if scaler.is_enabled() else None
-        scaler.step(optimizer)  # = optimizer.step(), unless float16 gradients overflowed: then the step is skipped
-        scaler.update()
-        if scaler.is_enabled() and not math.isfinite(grad_norm) and scaler.get_scale() < 1:
-            raise training.NonFiniteLoss(
-                f"gradient norm is {grad_norm} at step {step + 1} (loss {loss_value:.4f}), and float16 loss scaling "
-                f"has skipped so many steps that its scale is down to {scaler.get_scale()}: gradients that are not "
-                f"finite at a scale below 1 are not an overflow. The last good checkpoint is kept in {ckpt_path} (try "
-                f"a lower --lr, or --autocast bfloat16)")
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        tokens_done += global_batch * args.seq_len
-        rate = tokens_done / (time.perf_counter() - t0)
-        record = {"step": step + 1, "loss": loss_value, "lr": lr,
-                  "grad_norm": grad_norm, "tokens": (step + 1) * global_batch * args.seq_len,
-                  "tokens_per_s": rate}
-        if scale is not None:
-            record["loss_scale"] = scale
-            record["skipped"] = not math.isfinite(grad_norm)
-        if val_batch is not None and ((step + 1) % args.eval_interval == 0 or step + 1 == steps):
-            record["eval_loss"] = _validation_loss(model, val_batch.to(device), autocast)
-        save_now = (step + 1) % args.save_interval == 0 or step + 1 in (steps, stop_at)
-        full = _gather_full_state(model, optimizer) if save_now and sharded else {}  # every rank takes part
-        rngs = _gather_rng_states() if save_now and world > 1 else None  # each rank's dropout/noise stream
-        if main_process:
-            metrics.log(record)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}")
-            bar.update(1)
-            if save_now:
-                training.save_checkpoint(ckpt_path, model, optimizer, scheduler, step + 1, {"step": step + 1},
-                                         extra={"before": before, "rng_per_rank": rngs, "settings": settings,
-                                                "scaler": scaler.state_dict() if scaler.is_enabled() else None},
-                                         **full)
-                training.loss_curve_svg(metrics.records, out / "loss.svg", f"LAPT of {args.model}")
-    bar.close()
-    if stop_at < steps:
-        say(f"stopped after step {stop_at} as asked; continue with --resume")
-        return {"stopped_at": stop_at}
-
-    full = _gather_full_state(model, optimizer) if sharded else {}
-    result = {"model": str(args.model), "steps": steps, "tokens": steps * global_batch * args.seq_len,
-              "lora": summary, "before": before}
+def finish(run: Run, model, tokenizer, lora_cfg, optimizer, eval_texts, metrics, result: dict) -> dict:
+    """The adapted model's perplexity, the adapter (and the exports asked for), the loss picture and summary.json."""
+    args, out, before = run.args, run.args.out, result["before"]
+    full = training.gather_full_state(model, optimizer) if run.sharded else {}
     # Evaluate first, on every rank, then save and export on rank 0 alone: no rank then waits at a collective while
     # another writes files (the adapter is already safe in the last checkpoint).
-    after = None
-    if eval_texts is not None:
-        after = evaluate_perplexity(model, tokenizer, eval_texts, desc="adapted perplexity", **eval_kw)
-    if main_process:
+    after = perplexity(run, model, tokenizer, eval_texts, "adapted perplexity") if eval_texts is not None else None
+    if run.main:
         model.eval()
         from lora import export_merged_hf, save_adapter, save_peft_adapter
         save_adapter(model, lora_cfg, out / "adapter", tensors=full.get("trainable"))
-        if sharded and (args.export_peft or args.export_merged):  # these read whole weights off the model
-            say("with --fsdp, export from the saved adapter: load the base, lora.load_adapter, then export")
+        if run.sharded and (args.export_peft or args.export_merged):  # these read whole weights off the model
+            run.say("with --fsdp, export from the saved adapter: load the base, lora.load_adapter, then export")
             args.export_peft = args.export_merged = False
         if args.export_peft:
             save_peft_adapter(model, lora_cfg, out / "adapter-peft")
@@ -415,36 +405,15 @@ def main(argv: list[str] | None = None) -> dict:
             result["after"] = after.__dict__
             drop = 1 - after.perplexity / before["perplexity"]
             result["perplexity_drop"] = drop
-            say(f"\n{args.eval_data} perplexity: base {before['perplexity']:.3f} -> adapted {after.perplexity:.3f} "
-                f"({drop:.1%} lower); bits/byte {before['bits_per_byte']:.4f} -> {after.bits_per_byte:.4f}")
+            run.say(f"\n{args.eval_data} perplexity: base {before['perplexity']:.3f} -> adapted "
+                    f"{after.perplexity:.3f} ({drop:.1%} lower); bits/byte {before['bits_per_byte']:.4f} -> "
+                    f"{after.bits_per_byte:.4f}")
         training.loss_curve_svg(metrics.records, out / "loss.svg", f"LAPT of {args.model}")
         training.atomic_write_text(out / "summary.json", json.dumps(result, indent=2))
-        say(f"run folder: {out} (adapter/, metrics.jsonl, loss.svg, summary.json)")
-    if world > 1:
+        run.say(f"run folder: {out} (adapter/, metrics.jsonl, loss.svg, summary.json)")
+    if run.world > 1:
         dist.destroy_process_group()
     return result
-
-
-def _gather_full_state(model, optimizer) -> dict:
-    """FSDP: whole (unsharded) trainable tensors and optimizer state, gathered with a collective every rank joins."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
-    return {"trainable": model_state, "optimizer_state": optim_state}
-
-
-def _gather_rng_states() -> list:
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, training.rng_state())
-    return states
-
-
-def _load_sharded_checkpoint(ckpt: dict, model, optimizer, scheduler) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    set_state_dict(model, optimizer, model_state_dict=ckpt["trainable"], optim_state_dict=ckpt["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, strict=False))
-    scheduler.load_state_dict(ckpt["scheduler"])
-    training.set_rng_state(ckpt["rng"])
 
 
 def run_settings(args, world: int) -> dict:
@@ -464,18 +433,6 @@ def check_same_run(path: Path, stored: dict | None, current: dict) -> None:
         diff = "; ".join(f"{flag(k)} was {stored.get(k)!r}, now {current[k]!r}" for k in changed)
         raise ValueError(f"{path}: --resume continues the run this checkpoint is from, with its settings: {diff}. "
                          f"Give the run's own flags (its config.json lists them), or start another --out")
-
-
-def _on_rank_0_first(make, rank: int, world: int):
-    """make() on rank 0 first, then on the other ranks: the first call writes a cache file (token files) that the
-    others then read, instead of every process writing and renaming the same file at once."""
-    if world > 1 and rank != 0:
-        dist.barrier()
-    try:
-        return make()
-    finally:  # also when make() raised: the others then try, and raise the same error instead of waiting forever
-        if world > 1 and rank == 0:
-            dist.barrier()
 
 
 def _tokenizer_key(model_name, tokenizer) -> str:
@@ -503,7 +460,7 @@ def _validation_batch(args, tokenizer, tokenizer_key: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _validation_loss(model, batch, autocast) -> float:
+def validation_loss(model, batch, autocast) -> float:
     model.eval()
     with autocast:
         loss = model(batch[:, :-1], targets=batch[:, 1:])

@@ -1,11 +1,13 @@
 """The pieces of a training loop that train.py (LAPT) and klej/ (task fine-tuning) share.
 
-No framework: a learning-rate schedule, atomic checkpoints that hold everything a bit-exact resume needs (trainable
-weights, optimiser, scheduler, data position, every RNG), a JSONL metrics log that survives a resume, a loss-curve
-picture drawn as plain SVG, and the NEFTune embedding noise.
+No framework: the precision flags (dtype names, autocast), a learning-rate schedule, atomic checkpoints that hold
+everything a bit-exact resume needs (trainable weights, optimiser, scheduler, data position, every RNG), a JSONL
+metrics log that survives a resume, a loss-curve picture drawn as plain SVG, the NEFTune embedding noise, and the
+torchrun side of train.py (DDP / FSDP wrapping, gradient sync, sharded checkpoints, float16 loss scaling).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,9 +17,45 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 SCHEDULES = ("cosine", "linear", "constant")
+# The --dtype / --autocast names of every command (train.py, eval_ppl.py, generate.py, python -m klej).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTOCAST_CHOICES = ("auto", "bfloat16", "float16", "none")
+
+
+# ------------------------------------------------------------------------------------------------------- precision
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Without, oneDNN emulates bf16 products in
+    float32 and converts on every load and store, which makes bf16 autocast several times slower than float32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to tell, so the safe choice (float32 is never emulated)
+        return False
+    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_autocast(choice: str, device: str) -> str | None:
+    """--autocast auto -> "bfloat16" where the device has native bf16 products (a CUDA GPU that supports bf16, a CPU
+    with avx512_bf16 or amx_bf16), else None (float32: the base's dtype). Any other choice is kept, "none" -> None."""
+    if choice == "auto":
+        if torch.device(device).type == "cuda":
+            native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        else:
+            native = cpu_has_bf16()
+        return "bfloat16" if native else None
+    return None if choice == "none" else choice
+
+
+def autocast_context(device: str, autocast: str | None):
+    """torch.autocast in `autocast`'s dtype on `device`, or nothing."""
+    if not autocast:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[autocast])
 
 
 def set_seed(seed: int) -> None:
@@ -204,3 +242,123 @@ def neftune_hook(alpha: float) -> Callable:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+# ------------------------------------------------------------------------------------------------------- one step
+
+def loss_scaler(device: str, autocast: str | None) -> torch.amp.GradScaler:
+    """float16 has 5 exponent bits: small gradients underflow to zero and large ones overflow. Dynamic loss scaling
+    multiplies the loss before the backward and divides the gradients after it, skipping a step whose gradients
+    overflowed (and halving the scale). bfloat16 has float32's range and needs none: the scaler is then a no-op."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=autocast == "float16")
+
+
+def optimizer_step(optimizer, scaler: torch.amp.GradScaler, params: list[torch.Tensor], grad_clip: float,
+                   step: int, loss: float, checkpoint: Path) -> tuple[float, float | None]:
+    """Unscale, clip and apply the accumulated gradients of step `step` (1-based; `loss` its mean loss), then zero
+    them. -> (gradient norm, the loss scale this step used or None). Raises NonFiniteLoss before the adapters are
+    touched when the loss or the gradients are not finite (an overflow under float16 loss scaling is skipped instead,
+    unless the scale is already below 1); `checkpoint` is named in the message as the last good state."""
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping. The last good checkpoint is kept in "
+                            f"{checkpoint} (try a lower --lr or --grad-clip)")
+    scaler.unscale_(optimizer)
+    # The norm is measured even when clipping is off (max_norm inf): a finite loss can still have gradients
+    # that are not finite, and one AdamW step on them would turn every adapter weight into NaN.
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf))
+    if not math.isfinite(grad_norm) and not scaler.is_enabled():
+        raise NonFiniteLoss(f"gradient norm is {grad_norm} at step {step} (loss {loss:.4f}); stopping before the "
+                            f"update. The last good checkpoint is kept in {checkpoint} (try a lower --lr)")
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)  # = optimizer.step(), unless float16 gradients overflowed: then the step is skipped
+    scaler.update()
+    if scaler.is_enabled() and not math.isfinite(grad_norm) and scaler.get_scale() < 1:
+        raise NonFiniteLoss(
+            f"gradient norm is {grad_norm} at step {step} (loss {loss:.4f}), and float16 loss scaling has skipped "
+            f"so many steps that its scale is down to {scaler.get_scale()}: gradients that are not finite at a scale "
+            f"below 1 are not an overflow. The last good checkpoint is kept in {checkpoint} (try a lower --lr, or "
+            f"--autocast bfloat16)")
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, scale
+
+
+# ------------------------------------------------------------------------------------------------------- torchrun
+
+def setup_distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device) — torchrun sets WORLD_SIZE; gloo on CPU, NCCL on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank()
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return rank, world, device
+
+
+def wrap_distributed(model: nn.Module, fsdp: bool, world: int, device: str) -> nn.Module:
+    """DDP (every rank holds the model, gradients are averaged) or FSDP2 (each layer's weights sharded across the
+    ranks) over `world` processes; the model itself in one process."""
+    if world == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+
+
+def gradient_sync(model: nn.Module, last: bool, world: int, fsdp: bool):
+    """Gradient accumulation across processes: average the gradients only in the last micro-batch's backward."""
+    if world == 1:
+        return contextlib.nullcontext()
+    if fsdp:  # FSDP2: reduce-scatter the gradients only after the last micro-batch
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last else model.no_sync()
+
+
+def mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.AVG)
+    return value
+
+
+def on_rank_0_first(make: Callable, rank: int, world: int):
+    """make() on rank 0 first, then on the other ranks: the first call writes a cache file (token files) that the
+    others then read, instead of every process writing and renaming the same file at once."""
+    if world > 1 and rank != 0:
+        dist.barrier()
+    try:
+        return make()
+    finally:  # also when make() raised: the others then try, and raise the same error instead of waiting forever
+        if world > 1 and rank == 0:
+            dist.barrier()
+
+
+def gather_full_state(model: nn.Module, optimizer) -> dict:
+    """FSDP: whole (unsharded) trainable tensors and optimizer state, gathered with a collective every rank joins."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    return {"trainable": model_state, "optimizer_state": optim_state}
+
+
+def gather_rng_states() -> list:
+    """Every rank's RNG state (its dropout and noise stream), gathered with a collective every rank joins."""
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def load_sharded_checkpoint(ckpt: dict, model: nn.Module, optimizer, scheduler) -> None:
+    """The FSDP counterpart of load_checkpoint: whole tensors scattered into this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(model, optimizer, model_state_dict=ckpt["trainable"], optim_state_dict=ckpt["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])

@@ -51,16 +51,9 @@ MEASURE_VERSION = 2
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 # train.py's recipe trains under bf16 autocast, which doubles the matmul throughput of a CPU with AVX-512 bf16; on
 # one without (AVX2 only), bf16 products are emulated and run ~5x slower than float32, so we train in float32 there.
-AUTOCAST = "bfloat16" if cpu_has_bf16() else "none"
+AUTOCAST = "bfloat16" if training.cpu_has_bf16() else "none"
 SETS = {"pl-test": "Polish, in-domain (test split)", "pl-fortunes": "Polish, held-out domain (fortunes-pl)",
         "en-gnome": "English (gnome-user-docs)"}
 

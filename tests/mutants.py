@@ -58,10 +58,9 @@ RESUME_TESTS = [TRAIN + "test_kill_9_and_resume_reproduces_losses_bitwise",
 MUTANTS = [
     # ------------------------------------------------------------------------------- the holes of issue 20
     M("resume-restores-nothing", "--resume loads no adapter, optimiser or RNG state and starts at step 0",
-      [("train.py", "            training.load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt=ckpt)\n",
-        "            pass\n"),
-       ("train.py", 'start_step, before = ckpt["step"], ckpt["extra"].get("before")',
-        'start_step, before = 0, ckpt["extra"].get("before")')],
+      [("train.py", "        training.load_checkpoint(run.checkpoint, model, optimizer, scheduler, ckpt=ckpt)\n",
+        "        pass\n"),
+       ("train.py", 'return ckpt["step"], ckpt["extra"].get("before")', 'return 0, ckpt["extra"].get("before")')],
       RESUME_TESTS),
     M("klej-saves-every-eval", "fine-tuning saves the weights of every dev evaluation as the best",
       [("klej/finetune.py", '            if _better(score, state["best"]):\n                save_best(head, cfg, '

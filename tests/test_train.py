@@ -313,3 +313,32 @@ def test_metrics_log_resumed_at_a_step_drops_the_records_after_it(tmp_path):
     resumed.log({"step": 4, "loss": 0.0})
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
     assert training.MetricsLog(path).records == [] and path.read_text() == ""
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx2 avx512f avx512_bf16 sse", True), ("fpu amx_bf16 amx_tile", True),
+                                           ("fpu avx2 avx512f avx512bw", False), ("fpu avx2 fma", False)])
+def test_autocast_auto_is_bfloat16_only_where_the_cpu_multiplies_bf16(tmp_path, monkeypatch, flags, native):
+    # /proc/cpuinfo as Linux writes it: one "flags" line per core; "avx512_bf16" must match as a whole word only.
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("".join(f"processor\t: {i}\nmodel name\t: x\nflags\t\t: {flags}\n\n" for i in range(2)))
+    real_path = training.Path
+    monkeypatch.setattr(training, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    assert training.cpu_has_bf16() is native
+    assert training.resolve_autocast("auto", "cpu") == ("bfloat16" if native else None)
+    # An explicit choice wins whatever the hardware; "none" is the base's dtype.
+    for choice, resolved in (("bfloat16", "bfloat16"), ("float16", "float16"), ("none", None)):
+        assert training.resolve_autocast(choice, "cpu") == resolved
+    args = train.parse_args(["--device", "cpu"])
+    assert args.autocast == ("bfloat16" if native else None)     # the presets' default is auto
+    assert train.parse_args(["--device", "cpu", "--autocast", "none"]).autocast is None
+    assert train.run_settings(args, 1)["autocast"] == args.autocast   # the resolved choice is what a resume checks
+
+
+def test_autocast_auto_on_cuda_asks_for_native_bf16(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, n=native: calls.append(including_emulation) or n)
+        assert training.resolve_autocast("auto", "cuda:1") == ("bfloat16" if native else None)
+    assert calls == [False, False]   # emulated bf16 (pre-Ampere) is not native
