@@ -82,7 +82,10 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 
     Returns the names of the wrapped modules ('layers.0.attention.wq', ..., 'output'). A head tied to the
     embeddings is wrapped as it is: its weight stays the embedding's very tensor (no copy, no untying).
+    On a model that `model.fast.apply` accelerated (what `model.load` returns), the adapters are swapped for their
+    memory-lean training variant too (lora/lean.py); on the plain model they stay plain LoRALinear.
     """
+    from model import fast
     if lora_modules(model):
         raise ValueError("model already has LoRA layers; remove_lora() first to inject a new configuration")
     # Which modules own each parameter: a weight owned twice is tied (SmolLM2's head and embeddings).
@@ -101,6 +104,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         raise ValueError(f"LoRA target(s) {', '.join(sorted(unmatched))} match no module of "
                          f"{type(model).__name__}")
 
+    accelerated = fast.applied(model)
     for name, module in found:
         weight = getattr(module, "weight", None)
         shared = isinstance(weight, nn.Parameter) and owners[id(weight)] > 1
@@ -108,6 +112,8 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         wrapped.train(module.training)  # a new module starts in training mode: its dropout must follow the model's
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, wrapped)
+    if accelerated:
+        fast.apply(model)
     mark_only_lora_trainable(model)
     return [name for name, _ in found]
 

@@ -10,14 +10,8 @@ shrinking as r grows.
 The base may be any module with `in_features`, `out_features` and a forward (our quantised NF4 linear is wrapped
 the same way as an nn.Linear). Only an nn.Linear base can be merged in place: W <- W + scale * B @ A.
 
-Memory. The gradient of A needs the dropped-out input. nn.Dropout followed by a linear layer keeps two float copies
-of x for it (the dropout's noise and its output), per adapter: with Curie's seven adapters per block that is more
-than half of a LoRA step's activations. `_DropoutThenA` keeps x itself (q, k and v share one input, so they share
-one saved x, as do gate and up) and the 64-bit seed of its mask, and rebuilds the dropped-out input in the backward
-pass (model/kernels/dropout.py: the mask is a function of the seed, drawn and applied in one C pass on the CPU;
-where that kernel does not run, a one-byte keep-mask is kept instead).
-The masks are independent per adapter, as with nn.Dropout; the arithmetic is the same. Likewise, under autocast
-a frozen float32 base keeps no bf16 copy of its weight for the backward (`frozen_linear`).
+This is the plain layer; training runs LeanLoRALinear (lora/lean.py), the same arithmetic with less memory, which
+`model.fast.apply` swaps in.
 """
 from __future__ import annotations
 
@@ -25,10 +19,7 @@ import math
 
 import torch
 import torch.nn as nn
-
-from model.kernels import compute_dtype, linear, matmul_nt
-from model.kernels import dropout as D
-from model.kernels.nf4 import frozen_linear
+import torch.nn.functional as F
 
 
 class LoRALinear(nn.Module):
@@ -65,42 +56,13 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._base_forward(x)
-        if self.merged:
+        y = self.base(x)
+        if self.merged:   # W already holds W + scale * B A
             return y
-        # [..., in] -> [..., r] -> [..., out], in the compute dtype (bf16 under autocast keeps its speed); dropout
-        # only on this path, so the frozen base sees the clean input, as in the LoRA paper.
-        down = self.lora_down(x)
-        # In place into y (nothing keeps the base's output for its backward): no [..., out] temporaries beyond one.
-        return y.add_(linear(down, self.lora_B.to(down.dtype)), alpha=self.scale)
-
-    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Autograd of F.linear under autocast keeps the bf16 copy of a float32 W it multiplied by, for dx = dy @ W:
-        # 2 bytes per frozen parameter held from the forward to the backward, the whole model over again. W is in
-        # memory anyway: frozen_linear (as for an NF4 base) casts it again in the backward instead.
-        weight = getattr(self.base, "weight", None)
-        if (isinstance(self.base, nn.Linear) and self.base.bias is None and not weight.requires_grad
-                and torch.is_grad_enabled() and torch.is_autocast_enabled(x.device.type)
-                and weight.dtype != compute_dtype(x)):
-            return frozen_linear(x, weight.to)
-        return self.base(x)
-
-    def lora_down(self, x: torch.Tensor) -> torch.Tensor:
-        """dropout(x) @ A.T: [..., in] -> [..., r]."""
-        dtype = compute_dtype(x)
-        if self.training and self.dropout > 0:
-            return _DropoutThenA.apply(x, self.lora_A, self.dropout, dtype)
-        return linear(x.to(dtype), self.lora_A.to(dtype))
-
-    def logit_terms(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This layer's output as a sum of products x_k @ w_k.T, [(x, W), (scale * dropout(x) A^T, B)], for a fused
-        head + loss (model.kernels.linear_cross_entropy) that never builds the [tokens, vocab] output."""
-        weight = getattr(self.base, "weight", None)
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            raise TypeError(f"a fused head needs a full-precision weight; {type(self.base).__name__} has none")
-        if self.merged:
-            return [(x, weight)]
-        return [(x, weight), (self.scale * self.lora_down(x), self.lora_B)]
+        # Dropout only on the low-rank path, so the frozen base sees the clean input, as in the LoRA paper. A and B
+        # are float32 (see __init__); they take x's dtype (bf16 under autocast computes in bf16 either way).
+        down = F.linear(F.dropout(x, self.dropout, self.training), self.lora_A.to(x.dtype))     # [..., r]
+        return y + self.scale * F.linear(down, self.lora_B.to(x.dtype))                          # [..., out]
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A: [out_features, in_features], in float32 so that merging rounds only once, into W's dtype."""
@@ -143,46 +105,6 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout:g}, merged={self.merged}")
-
-
-class _DropoutThenA(torch.autograd.Function):
-    """u = dropout(x, p) @ A.T, keeping x and its mask's seed (or, where the seeded kernel does not run, a bool
-    mask) for the backward instead of two float copies.
-
-        forward:   m = keep_mask(a fresh seed) [..., in],  u = ((x * m) / (1 - p)) @ A.T       [..., r]
-        backward:  dA = du^T @ ((x * m) / (1 - p))     dx = ((du @ A) * m) / (1 - p)     (m rebuilt from the seed)
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
-        if D.seeded(x, dtype):
-            ctx.seed, keep = D.draw_seed(), None
-            dropped = D.dropout(x, ctx.seed, p, dtype)
-        else:
-            ctx.seed, keep = None, D.random_mask(x, p)
-            dropped = D.apply_mask(x, keep, p, dtype)
-        with torch.autocast(x.device.type, enabled=False):   # the products run in `dtype`, chosen by the caller
-            u = matmul_nt(dropped, lora_A.to(dtype))
-        ctx.save_for_backward(x, lora_A, keep)
-        ctx.p, ctx.dtype = p, dtype
-        return u
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable   # (no double backward: its graph would not include the mask)
-    def backward(ctx, du: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, lora_A, keep = ctx.saved_tensors
-        p, seed = ctx.p, ctx.seed
-
-        def drop(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:   # the forward's mask, on another tensor
-            return D.dropout(t, seed, p, dtype) if seed is not None else D.apply_mask(t, keep, p, dtype)
-        du = du.to(ctx.dtype)
-        dx = dA = None
-        if ctx.needs_input_grad[1]:
-            dropped = drop(x, ctx.dtype)                                                      # [..., in]
-            dA = matmul_nt(du.flatten(0, -2).T, dropped.flatten(0, -2).T).to(lora_A.dtype)   # [r, in]
-        if ctx.needs_input_grad[0]:
-            dx = drop(matmul_nt(du, lora_A.to(ctx.dtype).T), x.dtype)                        # [..., in]
-        return dx, dA, None, None
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -213,14 +213,14 @@ def build_model(args: ModelArgs, tensors: TensorStream, device="cpu", dtype=torc
 
 
 def keep_gguf_blocks(model: Transformer, g: GGUFFile) -> int:
-    """Give every float32 CPU linear layer whose GGUF tensor is Q4_0/Q4_1/Q8_0 its blocks (`Linear.gguf_blocks`),
-    which decode steps read instead of the float32 weight (kernels/gguf_blocks.py). -> bytes kept (0 where the
+    """Make every float32 CPU linear layer whose GGUF tensor is Q4_0/Q4_1/Q8_0 a GGUFBlockLinear holding its blocks,
+    which decode steps read instead of the float32 weight (model/gguf_linear.py). -> bytes kept (0 where the
     kernel cannot be built: then nothing is kept)."""
+    from model.gguf_linear import GGUFBlockLinear
     from model.kernels import gguf_blocks
-    from model.transformer import Linear
     layers = []
     for name, module in model.named_modules():
-        if not isinstance(module, Linear) or module.bias is not None or module.weight.dtype != torch.float32 \
+        if not isinstance(module, nn.Linear) or module.bias is not None or module.weight.dtype != torch.float32 \
                 or module.weight.is_meta or module.weight.device.type != "cpu":
             continue
         # A tied head is the embedding matrix: its blocks are token_embd's.
@@ -233,7 +233,9 @@ def keep_gguf_blocks(model: Transformer, g: GGUFFile) -> int:
         return 0
     for module, gguf_name, t in layers:
         try:
-            module.gguf_blocks = gguf_blocks.pack(g.raw(gguf_name), t.ggml_type, t.shape).attach(module.weight)
+            blocks = gguf_blocks.pack(g.raw(gguf_name), t.ggml_type, t.shape)
+            module.__class__ = GGUFBlockLinear
+            module.gguf_blocks = blocks.attach(module.weight)
         except ValueError as e:
             raise ValueError(f"{g.path}: tensor {gguf_name!r}: {e}") from None
     return sum(module.gguf_blocks.nbytes() for module, _, _ in layers)
@@ -248,7 +250,8 @@ def drop_gguf_blocks(model: nn.Module) -> None:
 
 
 def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         require_tokenizer: bool = True, quantize: str | None = None, transform=None, gguf_blocks: bool = True):
+         require_tokenizer: bool = True, quantize: str | None = None, transform=None, gguf_blocks: bool = True,
+         fast: bool | None = None):
     """-> (Transformer in eval mode, tokenizer). `source`: a checkpoint folder, a .gguf file or a named source.
 
     quantize="nf4" holds every linear layer of the blocks in 4-bit NormalFloat, quantised tensor by tensor as it is
@@ -258,6 +261,9 @@ def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     file's Q4_0/Q4_1/Q8_0 blocks of its linear layers, which decoding reads instead of the float32 weights (the same
     values; kernels/gguf_blocks.py: 5.3x fewer bytes for 4-bit blocks, 3.6x for 8-bit; for SmolLM2 about 20% more
     memory in all); False keeps the float32 weights alone.
+
+    fast: swap the plain modules for their faster equivalents (`model.fast.apply`; the blocks above come with it).
+    None (the default) reads MINICURIE_FAST (unset: on); False gives the plain model of model/transformer.py.
     """
     if quantize is not None:
         if quantize != "nf4":
@@ -294,7 +300,10 @@ def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
             from model.tokenizer import load_tokenizer
             tokenizer = load_tokenizer(path)
     model = build_model(args, stream, device, dtype, transform, source=where, source_name=source_name)
-    if path.is_file() and gguf_blocks:
-        keep_gguf_blocks(model, g)
+    from model import fast as acceleration
+    if acceleration.enabled(fast):
+        acceleration.apply(model)
+        if path.is_file() and gguf_blocks:
+            keep_gguf_blocks(model, g)
     return model.eval(), tokenizer
 

@@ -8,50 +8,21 @@
 
 Module and parameter names are those of Mistral's reference checkpoints (`consolidated.00.pth`), so a state dict in
 that layout loads as it is. The hot operations (`rms_norm`, `apply_rope`, `swiglu`, `attention`) come from
-`model.kernels`, which picks fused Triton kernels on CUDA and plain-PyTorch references elsewhere; so do the matrix
-products of the linear layers (`kernels.linear`: oneDNN for float32 on the CPU, cuBLAS on CUDA).
+`model.kernels`, which picks fused Triton kernels on CUDA and plain-PyTorch references elsewhere. The linear layers
+are nn.Linear and the loss is F.cross_entropy on the head's logits: what you read is what the plain model runs.
+Faster equivalents (other matrix-product paths, a head + loss that never builds the logits, quantised weights) are
+swapped in from outside by `model.fast.apply`, which `model.load` calls by default.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from model import kernels
 from model.args import ModelArgs
 from model.cache import RollingKVCache
-from model.kernels import gguf_blocks as block_kernel
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict names) whose product is `kernels.linear`: on the CPU, float32
-    matrix products run in oneDNN, about twice as fast as F.linear's BLAS on some CPUs (kernels/matmul.py).
-
-    A layer loaded from a GGUF's 4/8-bit blocks keeps them in `gguf_blocks`, and a product of a few rows (a decode
-    step) reads those instead of the float32 weight they equal: 3.6-5.3x fewer bytes (kernels/gguf_blocks.py)."""
-
-    gguf_blocks: block_kernel.Blocks | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gguf_blocks is not None and self.bias is None and kernels.eager_only():
-            if not self.gguf_blocks.matches(self.weight):
-                self.gguf_blocks = None   # the weight was written to since (a merge, load_state_dict): free them
-            elif block_kernel.takes(x, self.weight, self.in_features):   # (block_kernel.applies, less what's done)
-                return block_kernel.matmul(x, self.gguf_blocks)
-        return kernels.linear(x, self.weight, self.bias)
-
-    # The blocks stand for one weight tensor in one state; whatever replaces it drops them (and frees them).
-    def __setattr__(self, name: str, value) -> None:
-        if name == "weight" and self.__dict__.get("gguf_blocks") is not None and value is not self.weight:
-            self.gguf_blocks = None   # a new weight (LoRA merging a tied head, load_state_dict(assign=True), ...)
-        super().__setattr__(name, value)
-
-    def _apply(self, fn, recurse=True):
-        # .to(), .half(), .cuda(), ... give the weight new contents, which may even land at the old address.
-        out = super()._apply(fn, recurse)
-        if self.gguf_blocks is not None and not self.gguf_blocks.matches(self.weight):
-            self.gguf_blocks = None
-        return out
 
 
 class RMSNorm(nn.Module):
@@ -83,10 +54,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.sliding_window = args.sliding_window
-        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: RollingKVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -111,9 +82,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = Linear(args.dim, args.hidden_dim, bias=False)
-        self.w2 = Linear(args.hidden_dim, args.dim, bias=False)
-        self.w3 = Linear(args.dim, args.hidden_dim, bias=False)
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(kernels.swiglu(self.w1(x), self.w3(x)))
@@ -133,6 +104,19 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class HeadLoss(nn.Module):
+    """Mean next-token cross-entropy of head(h) against targets, positions with target -100 skipped.
+
+    h [B, T, dim] -> logits [B*T, vocab] in float32 (a bf16 softmax over 49k-152k classes loses digits) -> loss [].
+    A module of its own, with no parameters, so that a fused head + loss that never builds the logits can take its
+    place (model/fast.py) without the model changing.
+    """
+
+    def forward(self, head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = head(h.flatten(0, 1)).float()
+        return F.cross_entropy(logits, targets.flatten(), ignore_index=-100)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -140,7 +124,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = Linear(args.dim, args.vocab_size, bias=False)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.loss = HeadLoss()
         self.tie_weights()
         # Recompute each block's activations in the backward pass instead of storing them (train.py turns it on).
         self.gradient_checkpointing = False
@@ -168,15 +153,11 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: RollingKVCache | None = None,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, vocab_size]; with targets [B, T] (next tokens, -100 to skip one), the
-        mean cross-entropy instead, from the fused head + loss: the [B, T, vocab] logits are never built."""
+        mean cross-entropy over the kept tokens instead (`self.loss`)."""
         h = self.hidden(tokens, cache)
         if targets is None:
             return self.output(h)
-        # The head as a sum of products x @ w.T: its weight, plus a LoRA head's low-rank path (LoRALinear).
-        terms = (self.output.logit_terms(h.flatten(0, 1)) if hasattr(self.output, "logit_terms")
-                 else [(h.flatten(0, 1), self.output.weight)])
-        (h, weight), *extra = terms
-        return kernels.linear_cross_entropy(h, weight, targets.flatten(), extra_terms=tuple(extra))
+        return self.loss(self.output, h, targets)
 
     def make_cache(self, batch_size: int, max_tokens: int | None = None, lookahead: int = 0) -> RollingKVCache:
         """A rolling-buffer cache of min(sliding_window + lookahead, max_tokens) slots per layer; it refuses to go

@@ -243,10 +243,11 @@ import warnings
 warnings.simplefilter("always")
 import torch, lora
 from model import ModelArgs, Transformer
+from model import fast
 from model.kernels import dropout
 torch.manual_seed(0)
-model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
-                              vocab_size=64, sliding_window=None))
+model = fast.apply(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
+                                         vocab_size=64, sliding_window=None)))
 lora.inject_lora(model, lora.LoRAConfig(r=4, alpha=8, dropout=0.1))
 tokens = torch.randint(0, 64, (2, 17))
 with warnings.catch_warnings(record=True) as caught:
@@ -350,7 +351,7 @@ def test_a_bf16_lora_step_reaches_every_kernel(path):
     # The wiring: a LoRA step under bf16 autocast on the CPU goes through each C kernel, forward and backward, so
     # the speed bench/lora_train.py and bench/cpu_kernels.py measure is the code these tests check.
     import lora
-    from model import ModelArgs, Transformer
+    from model import ModelArgs, Transformer, fast
     from model.kernels import dropout
 
     class Counting:
@@ -367,8 +368,8 @@ def test_a_bf16_lora_step_reaches_every_kernel(path):
         for name, m in modules.items():
             m.KERNEL.lib, m.KERNEL.tried = counters[name], True
         torch.manual_seed(0)
-        model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96,
-                                      vocab_size=128, sliding_window=None))
+        model = fast.apply(Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16,
+                                                 hidden_dim=96, vocab_size=128, sliding_window=None)))
         lora.inject_lora(model, lora.LoRAConfig(r=4, alpha=8, dropout=0.1))
         model.train()
         tokens = torch.randint(0, 128, (2, 17))

@@ -21,9 +21,10 @@ import torch
 from model.args import ModelArgs
 from model.generate import generate
 from model.gguf import GGML_TYPES, dequantize as gguf_dequantize
+from model.gguf_linear import GGUFBlockLinear as Linear
 from model.kernels import gguf_blocks, use_kernels
 from model.loading import drop_gguf_blocks, load
-from model.transformer import Linear, Transformer
+from model.transformer import Transformer
 from tests.test_gguf import random_blocks
 from tests.test_loading_checks import write_gguf
 

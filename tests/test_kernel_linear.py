@@ -117,8 +117,8 @@ def test_other_dtypes_devices_autocast_and_reference_switch_take_f_linear():
 
 
 def test_the_decoder_and_lora_route_their_products_through_it(monkeypatch):
-    """The wiring: every linear layer of the decoder, and LoRA's A and B, reach the oneDNN op in float32 on the CPU
-    (forward and backward), so the speed measured in bench/ is the code path the tests check."""
+    """The wiring: every linear layer of the accelerated decoder (model.fast.apply), and LoRA's A and B, reach the
+    oneDNN op in float32 on the CPU (forward and backward), so the speed measured in bench/ is the code path the tests check."""
     import model.kernels.matmul as matmul_module
     from lora import LoRAConfig, inject_lora
     from model.args import PRESETS
@@ -129,7 +129,8 @@ def test_the_decoder_and_lora_route_their_products_through_it(monkeypatch):
     monkeypatch.setattr(matmul_module, "_LINEAR_POINTWISE", lambda *a: calls.append(a[1].shape) or op(*a))
     torch.manual_seed(0)
     args = PRESETS["tiny"]
-    net = Transformer(args)
+    from model import fast
+    net = fast.apply(Transformer(args))
     tokens = torch.randint(0, args.vocab_size, (2, 9))
     with torch.no_grad():
         net(tokens)

@@ -11,13 +11,15 @@ import torch.nn.functional as F
 
 from lora import (LoRAConfig, LoRALinear, count_parameters, export_merged_hf, inject_lora, load_adapter,
                   lora_modules, merge_lora, parameter_summary, remove_lora, save_adapter, unmerge_lora)
+from lora.lean import LeanLoRALinear
 from lora.adapter import ADAPTER_WEIGHTS
 from model.kernels import dropout as D
 from model.args import ModelArgs
 from model.loading import load
 from model.nf4 import NF4Linear
 from model.safetensors import load_file, save_file
-from model.transformer import Linear, Transformer
+from model import fast
+from model.transformer import Transformer
 
 
 def tiny(**changes) -> Transformer:
@@ -101,7 +103,7 @@ def test_dropout_path_matches_float64_with_the_same_mask(p, dtype):
     # _DropoutThenA keeps x and its mask's seed (float32 on the CPU: the C kernel) or a stored bool mask (float64,
     # which the kernel does not take) instead of nn.Dropout's two float copies. Replay its mask (same torch seed,
     # same draw) and check the output and both gradients against float64 autograd of x * mask / (1 - p) @ A.T.
-    lora = LoRALinear(nn.Linear(24, 40, bias=False), r=4, alpha=8, dropout=p).to(dtype).train()
+    lora = LeanLoRALinear(nn.Linear(24, 40, bias=False), r=4, alpha=8, dropout=p).to(dtype).train()
     with torch.no_grad():
         lora.lora_B.normal_()
     x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
@@ -130,7 +132,7 @@ def test_dropout_path_under_bf16_autocast_uses_one_mask_throughout(x_dtype):
     # the adapter's alone, and a mask that differed between the forward and either backward product would show as
     # errors of the size of the values themselves, far above bf16's rounding.
     p = 0.5
-    lora = LoRALinear(nn.Linear(48, 40, bias=False), r=4, alpha=8, dropout=p).train()
+    lora = LeanLoRALinear(nn.Linear(48, 40, bias=False), r=4, alpha=8, dropout=p).train()
     with torch.no_grad():
         lora.base.weight.zero_()
         lora.lora_B.normal_()
@@ -160,6 +162,7 @@ def test_dropout_gradients_are_the_same_under_activation_checkpointing(autocast)
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
                                   vocab_size=64, sliding_window=None))
+    fast.apply(model)   # the lean adapters, whose masks come from seeds
     inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.3))
     with torch.no_grad():
         for m in lora_modules(model).values():
@@ -195,7 +198,7 @@ def test_dropout_keeps_no_mask_and_no_float_copies():
     # Three adapters on one input, as q, k, v: nn.Dropout + linear keeps a float noise tensor and a float dropped
     # copy per adapter (6 float copies of x); ours keeps x once (each mask is rebuilt from its seed).
     x = torch.randn(64, 96, requires_grad=True)
-    adapters = [LoRALinear(nn.Linear(96, 96, bias=False), r=4, alpha=8, dropout=0.1).train() for _ in range(3)]
+    adapters = [LeanLoRALinear(nn.Linear(96, 96, bias=False), r=4, alpha=8, dropout=0.1).train() for _ in range(3)]
     dropout = nn.Dropout(0.1)
     ours = _saved_bytes(lambda: [a(x) for a in adapters])
     plain = _saved_bytes(lambda: [a.base(x) + 2 * (dropout(x) @ a.lora_A.T) @ a.lora_B.T for a in adapters])
@@ -208,7 +211,7 @@ def test_dropout_keeps_no_mask_and_no_float_copies():
 def test_frozen_base_under_autocast_keeps_no_bf16_weight_copy():
     # float32 weights, bf16 autocast: the same output and input gradient as nn.Linear under autocast, bit for bit,
     # without holding the [out, in] bf16 copy of the frozen weight until the backward.
-    lora = LoRALinear(nn.Linear(96, 128, bias=False), r=4, alpha=8).train()
+    lora = LeanLoRALinear(nn.Linear(96, 128, bias=False), r=4, alpha=8).train()
     lora.base.requires_grad_(False)
     with torch.no_grad():
         lora.lora_B.normal_()
@@ -291,8 +294,9 @@ def test_fused_head_loss_equals_logits_then_cross_entropy(autocast):
     # model(x, targets=y) runs the head and the loss fused, the LoRA head's low-rank path as an extra term, so no
     # [B, T, vocab] logits exist. Same seed, so every adapter draws the same dropout masks on both paths (training
     # mode, dropout on): the loss and every LoRA gradient equal those of logits -> F.cross_entropy.
-    model = tiny(tied_embeddings=True)
+    model = fast.apply(tiny(tied_embeddings=True))
     inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.3))
+    assert isinstance(model.output, LeanLoRALinear)
     randomise_lora(model)
     model.train()
     x, y = tokens(t=12), tokens(t=12)
@@ -355,7 +359,7 @@ def test_remove_lora_merged_and_discarded():
     with_lora = model(x)
     discarded = copy.deepcopy(model)
     remove_lora(model, merge=True)
-    assert not lora_modules(model) and type(model.layers[0].attention.wq) is Linear
+    assert not lora_modules(model) and type(model.layers[0].attention.wq) is nn.Linear
     torch.testing.assert_close(model(x), with_lora, atol=1e-5, rtol=1e-6)
     remove_lora(discarded, merge=False)
     torch.testing.assert_close(discarded(x), base_logits, atol=0, rtol=0)
