@@ -35,7 +35,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import kernels
 from training import DTYPES
 
 
@@ -82,11 +81,10 @@ def _score_batch(model, batch: list[list[int]], firsts: list[int], device) -> fl
         rows.append(h[i, first - 1: len(w) - 1])                    # position p predicts token p + 1
         targets.append(torch.tensor(w[first:], device=device))
     h, targets = torch.cat(rows), torch.cat(targets)
-    # The fused head + loss that Transformer.forward(tokens, targets=...) computes, on the scored rows alone: chunks
-    # of rows, so the [rows, vocab] logits are never built. It returns the mean over the rows; the sum is wanted.
-    terms = model.output.logit_terms(h) if hasattr(model.output, "logit_terms") else [(h, model.output.weight)]
-    (x, weight), *extra = terms
-    return kernels.linear_cross_entropy(x, weight, targets, extra_terms=tuple(extra)).item() * len(targets)
+    # The model's own head + loss (Transformer.loss: fused and chunked once model.fast has swapped it in, plain
+    # otherwise; a LoRA head's update included either way), on the scored rows alone. It returns the mean over the
+    # rows; the sum is wanted.
+    return model.loss(model.output, h[None], targets[None]).item() * len(targets)   # as one [1, N] "batch"
 
 
 def evaluate_perplexity(model, tokenizer, texts: list[str], ctx: int = 1024, stride: int = 512,
