@@ -46,13 +46,13 @@ class FusedHeadLoss(HeadLoss):
     that is neither (say a quantised one) takes the plain loss."""
 
     def forward(self, head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        h = h.flatten(0, 1)
+        rows = h.flatten(0, 1)                                         # [B*T, dim]
         if hasattr(head, "logit_terms"):
-            terms = head.logit_terms(h)
+            terms = head.logit_terms(rows)
         elif isinstance(head, nn.Linear) and head.bias is None and head.weight.is_floating_point():
-            terms = [(h, head.weight)]
+            terms = [(rows, head.weight)]
         else:
-            return super().forward(head, h, targets)
+            return super().forward(head, h, targets)                   # the plain loss takes h as it came
         (h, weight), *extra = terms
         return kernels.linear_cross_entropy(h, weight, targets.flatten(), extra_terms=tuple(extra))
 

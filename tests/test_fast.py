@@ -129,3 +129,17 @@ def test_the_decoder_imports_neither_the_gguf_parser_nor_lora():
             "or m.startswith('lora')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_fused_loss_falls_back_to_the_plain_loss_for_a_head_it_cannot_fuse():
+    # A head with a bias (or a quantised one) has no fused form: the fused loss must give the plain loss, on the
+    # [B, T, dim] hidden states as they came.
+    from model.fast import FusedHeadLoss
+    from model.transformer import HeadLoss
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=True)
+    h, targets = torch.randn(2, 5, 8), torch.randint(0, 11, (2, 5))
+    targets[0, 1] = -100
+    want = torch.nn.functional.cross_entropy(head(h).flatten(0, 1).double(), targets.flatten(), ignore_index=-100)
+    for loss in (HeadLoss(), FusedHeadLoss()):
+        torch.testing.assert_close(loss(head, h, targets).double(), want, rtol=1e-5, atol=1e-6)
