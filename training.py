@@ -28,15 +28,22 @@ AUTOCAST_CHOICES = ("auto", "bfloat16", "float16", "none")
 
 # ------------------------------------------------------------------------------------------------------- precision
 
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The CPU flags that mean native bf16 products (avx512_bf16, amx_bf16) this CPU has; `cpuinfo` stands in for
+    /proc/cpuinfo's text (tests). Without them, oneDNN emulates bf16 products in float32 and converts on every load
+    and store, which makes bf16 autocast several times slower than float32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no way to tell, so the safe answer (float32 is never emulated)
+            return []
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    return sorted(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Without, oneDNN emulates bf16 products in
-    float32 and converts on every load and store, which makes bf16 autocast several times slower than float32."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no way to tell, so the safe choice (float32 is never emulated)
-        return False
-    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX)."""
+    return bool(cpu_bf16_flags())
 
 
 def resolve_autocast(choice: str, device: str) -> str | None:

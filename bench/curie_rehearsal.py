@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from model.safetensors import save_file  # noqa: E402
 from model.sources import cache_dir  # noqa: E402
+import training  # noqa: E402
 
 # Mistral-7B-v0.1's config.json, the shape the paper adapted.
 MISTRAL_7B = dict(architectures=["MistralForCausalLM"], model_type="mistral", hidden_size=4096,
@@ -110,17 +111,7 @@ def native_bf16(device: str = "cpu", cpuinfo: str | None = None) -> tuple[bool, 
     if device.startswith("cuda"):
         ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return ok, f"CUDA bf16 {'supported' if ok else 'not supported'}"
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False, "no /proc/cpuinfo"
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    found = training.cpu_bf16_flags(cpuinfo)
     return bool(found), ("CPU flags " + ", ".join(found)) if found else "CPU without avx512_bf16 / amx_bf16"
 
 
