@@ -15,6 +15,12 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Under pytest-xdist (`-n N`) the workers share the cores: one thread each, and the same for the programs the tests
+# start (train.py, torchrun), so that N workers do not run N x cores threads that fight over the caches.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 
@@ -56,3 +62,9 @@ def smollm2_hf_model(smollm2_gguf):
     pytest.importorskip("gguf")
     return transformers.AutoModelForCausalLM.from_pretrained(
         smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first: with `-n 2` each then starts at once on a worker while the other worker works
+    through the short ones, instead of the run ending with one long test on one worker and the other idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)   # stable: the order is kept otherwise
