@@ -50,7 +50,9 @@ def smollm2_hf_tokenizer(smollm2_gguf):
     Built once per session: several modules compare against it, and none changes it."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    folder = _oracle_cache("smollm2-tokenizer", smollm2_gguf, transformers, lambda: transformers.AutoTokenizer
+                           .from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name))
+    return transformers.AutoTokenizer.from_pretrained(folder)
 
 
 @pytest.fixture(scope="session")
@@ -60,8 +62,43 @@ def smollm2_hf_model(smollm2_gguf):
     tests only run it (forward, generate) and must not change it (copy its config before editing it)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32, attn_implementation="eager").eval()
+    def build():
+        model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                                  dtype=torch.float32)
+        # Its weights are dequantised float32 already; the GGUF "quantizer" it keeps only refuses save_pretrained.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return model
+
+    folder = _oracle_cache("smollm2-model", smollm2_gguf, transformers, build)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+
+
+def _oracle_cache(name: str, gguf: Path, transformers, build) -> Path:
+    """transformers' own reading of the GGUF (`build()`), saved once with its save_pretrained under the cache and
+    read back from there: dequantising the GGUF in Python is most of the oracle's ~15 s, and each pytest-xdist
+    worker has a session of its own. The folder's name holds the GGUF's size and modification time and the
+    transformers version, so a new file or a new transformers builds it again. Written to a temporary folder and
+    renamed, so that two workers building it at once leave one whole copy."""
+    import shutil
+    import tempfile
+    from model.sources import cache_dir
+    stat = gguf.stat()
+    folder = cache_dir() / "test-oracles" / f"{name}-{stat.st_size}-{stat.st_mtime_ns}-tf{transformers.__version__}"
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{name}-building-", dir=folder.parent))
+        try:
+            build().save_pretrained(tmp)
+            tmp.rename(folder)        # fails if another worker got there first: its copy stands
+        except OSError:
+            if not folder.exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def pytest_collection_modifyitems(config, items):
