@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import shlex
 import shutil
 import sys
@@ -42,6 +41,7 @@ from eval_ppl import evaluate_perplexity
 from experiments import datasets
 from experiments.runner import Cache, digest, file_digest, machine
 from experiments.svg import Series, bar_chart, line_chart
+from klej.demo import TASK as DEMO_TASK
 
 MODEL = "smollm2-135m"
 # Part of every cache key. The commit is not (a change elsewhere must not throw away an hour of runs), so bump this
@@ -75,9 +75,10 @@ class Mode:
     eval_ctx: int = 512
     eval_stride: int = 256
     seeds: tuple[int, ...] = (0, 1, 2)
-    ft_epochs: int | None = None   # None: the demo's (3)
+    ft_epochs: int | None = None   # None: the demo's (klej/demo.py's TASK.epochs)
     ft_train_per_class: int | None = None  # None: the task's 60 per class
     ft_test_examples: int | None = None     # None: all 210
+    ft_dev_per_class: int | None = None     # None: the task's 15 per class (scored at every dev evaluation)
     train_documents: int | None = None     # None: the whole LAPT training file
     bootstrap: int = 10000
 
@@ -94,12 +95,12 @@ MODES = {
     "quick": Mode("quick", steps=24, points=(0, 3, 6, 12, 24), nf4_points=(6, 12), rank_point=6, seq_len=128,
                   micro_batch=4, grad_accum=1, warmup=2, eval_tokens=800, eval_ctx=256, eval_stride=128, seeds=(0,),
                   ft_epochs=1),
-    # toy: the test's run. Its 24 perplexity evaluations (8 points x 3 sets) were most of its time, as many short
-    # forward passes; it scores a few disjoint 256-token windows per set instead of overlapping 64-token ones (the
-    # overlapping windows are tested in tests/test_eval_ppl.py).
+    # toy: the test's run. Its 24 perplexity evaluations (8 points x 3 sets) and the fine-tunings' dev evaluations
+    # were most of its time: it scores one 128-token window per set (overlapping windows are tested in
+    # tests/test_eval_ppl.py) and a dev set of 3 examples per class.
     "toy": Mode("toy", steps=4, points=(0, 2, 4), nf4_points=(2, 4), rank_point=2, seq_len=64, micro_batch=2,
-                grad_accum=1, warmup=1, eval_tokens=200, eval_ctx=256, eval_stride=256, seeds=(0,), ft_epochs=1,
-                ft_train_per_class=4, ft_test_examples=30, train_documents=300, bootstrap=200),
+                grad_accum=1, warmup=1, eval_tokens=128, eval_ctx=128, eval_stride=128, seeds=(0,), ft_epochs=1,
+                ft_train_per_class=4, ft_test_examples=30, ft_dev_per_class=3, train_documents=300, bootstrap=200),
 }
 
 
@@ -207,24 +208,29 @@ class Report:
         from klej.demo import DEMO_CONFIG, TASK
         from klej.tasks import load_task, read_split
         folder = self.task_folder()
-        cfg = dataclasses.replace(DEMO_CONFIG, seed=seed, epochs=self.mode.ft_epochs)
+        # The epochs spelled out (not None, "the task's"), so that the cache key changes with the demo's recipe.
+        cfg = dataclasses.replace(DEMO_CONFIG, seed=seed, epochs=self.mode.ft_epochs or TASK.epochs)
         lapt = self.lapt_settings()
         adapter = self.run_dir(lapt) / "adapter" if init == "lapt" else None
         settings = {"task": {f.name: file_digest(f) for f in sorted(folder.glob("*.tsv"))}, "init": init,
                     "lapt": {**lapt, "point": self.mode.steps} if adapter else None,
                     "config": dataclasses.asdict(cfg), "version": MEASURE_VERSION,
                     "train_per_class": self.mode.ft_train_per_class,
-                    "test_examples": self.mode.ft_test_examples}
+                    "test_examples": self.mode.ft_test_examples,
+                    # (only where set: the cached runs of the other modes keep their keys)
+                    **({"dev_per_class": self.mode.ft_dev_per_class} if self.mode.ft_dev_per_class else {})}
 
         def work() -> dict:
             if adapter is not None and not (adapter / "adapter_config.json").exists():
                 raise FileNotFoundError(f"{adapter}: the LAPT adapter of the curve's last point is missing; delete "
                                         f"{self.root} and run again")
             data = load_task(TASK, folder, seed=cfg.seed)
-            if self.mode.ft_train_per_class:
-                keep = np.sort(np.concatenate([np.flatnonzero(data.train.y == c)[:self.mode.ft_train_per_class]
-                                               for c in range(len(TASK.labels))]))
-                data = dataclasses.replace(data, train=data.train.subset(keep))
+            for split, per_class in (("train", self.mode.ft_train_per_class), ("dev", self.mode.ft_dev_per_class)):
+                if per_class:   # the first few of each class, so the classes stay balanced
+                    part = getattr(data, split)
+                    keep = np.sort(np.concatenate([np.flatnonzero(part.y == c)[:per_class]
+                                                   for c in range(len(TASK.labels))]))
+                    data = dataclasses.replace(data, **{split: part.subset(keep)})
             test = read_split(TASK, folder / "test.tsv")
             if self.mode.ft_test_examples:
                 test = test.subset(np.arange(self.mode.ft_test_examples))
@@ -364,7 +370,7 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
         w(f"**This is the `--{mode.name}` page**: the curve stops at {mode.steps} steps ({mode.steps * tps:,} "
           f"tokens, {mode.steps * tps / (60 * 2048):.0%} of the default `train.py` run's 60 x 2048), perplexity is "
           f"scored on {mode.eval_tokens:,} tokens per set, and the downstream task uses {len(mode.seeds)} seed(s) "
-          f"and {mode.ft_epochs or 3} epoch(s). "
+          f"and {mode.ft_epochs or DEMO_TASK.epochs} epoch(s). "
           f"`python -m experiments.lapt_report` (without `--{mode.name}`) runs the full page: the curve to 4x the "
           f"default budget, 12,000 tokens per set, 3 seeds. With so few tokens per set, a set is a handful of "
           f"documents (the table below says how many): read this page's perplexities as indicative, not as "
