@@ -26,7 +26,7 @@ import torch.nn as nn
 from lora.layers import LoRALinear
 from model.kernels import compute_dtype, linear, matmul_nt
 from model.kernels import dropout as D
-from model.kernels.nf4 import frozen_linear
+from model.kernels.frozen_linear import frozen_linear
 
 
 class LeanLoRALinear(LoRALinear):

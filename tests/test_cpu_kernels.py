@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 from model import kernels
 from model.kernels import _cbuild
-from model.kernels.flash_attention import attention_reference
+from model.kernels.reference import attention_reference, chunk_step_reference
 
 # The modules (model.kernels exports functions of the same names as two of them).
 attention_cpu, swiglu, cross_entropy = (importlib.import_module(f"model.kernels.{name}")
-                                        for name in ("attention_cpu", "swiglu", "cross_entropy"))
+                                        for name in ("attention_cpu", "swiglu_recompute", "chunked_loss"))
 
 HAVE_CC = shutil.which("cc") is not None
 pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the PyTorch paths are the only ones")
@@ -297,7 +297,7 @@ def test_attention_and_loss_let_nan_through(path):
     logits[1, 9] = float("nan")
     z, z_ref = logits.clone(), logits.clone()
     loss = cross_entropy._chunk_step_cpu(z, torch.tensor([1, 2, 3]), -100, 0.0, write_grad=True)
-    loss_ref = cross_entropy._chunk_step_reference(z_ref, torch.tensor([1, 2, 3]), -100, 0.0, write_grad=True)
+    loss_ref = chunk_step_reference(z_ref, torch.tensor([1, 2, 3]), -100, 0.0, write_grad=True)
     assert torch.equal(loss.isnan(), loss_ref.isnan()) and torch.equal(z.isnan(), z_ref.isnan())
     assert z[1].isnan().all() and not z[0].isnan().any()
 
@@ -325,7 +325,7 @@ def test_cross_entropy_chunk_with_a_minus_inf_logit(path):
     assert z64.grad[0, 7] == 0
     z, z_ref = logits.clone(), logits.clone()
     loss = cross_entropy._chunk_step_cpu(z, targets, -100, 0.0, write_grad=True)
-    loss_ref = cross_entropy._chunk_step_reference(z_ref, targets, -100, 0.0, write_grad=True)
+    loss_ref = chunk_step_reference(z_ref, targets, -100, 0.0, write_grad=True)
     assert torch.isfinite(loss).all()
     for ours, grad in ((loss, z), (loss_ref, z_ref)):
         torch.testing.assert_close(ours.double(), loss64.detach(), rtol=1e-5, atol=1e-5)

@@ -32,14 +32,15 @@ import torch.nn.functional as F
 from model.kernels._switch import current_mode, use_kernels, use_triton
 from model.kernels.attention_cpu import attention_cpu
 from model.kernels.attention_cpu import supports as attention_cpu_supports
-from model.kernels.cross_entropy import compute_dtype, linear_cross_entropy_fused
-from model.kernels.flash_attention import attention_reference, causal_window_mask
-from model.kernels.flash_attention import flash_attention as flash_attention_triton
-from model.kernels.flash_attention import supports as flash_attention_supports
+from model.kernels.chunked_loss import compute_dtype, linear_cross_entropy_fused
 from model.kernels.matmul import eager_only, linear, matmul_nt
-from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
-from model.kernels.rope import apply_rope_reference, apply_rope_triton
-from model.kernels.swiglu import swiglu_recompute, swiglu_triton
+from model.kernels.reference import apply_rope_reference, attention_reference, causal_window_mask, rms_norm_reference
+from model.kernels.swiglu_recompute import swiglu_recompute
+from model.kernels.triton.flash_attention import flash_attention as flash_attention_triton
+from model.kernels.triton.flash_attention import supports as flash_attention_supports
+from model.kernels.triton.rms_norm import rms_norm_triton
+from model.kernels.triton.rope import apply_rope_triton
+from model.kernels.triton.swiglu import swiglu_triton
 
 __all__ = ["rms_norm", "apply_rope", "swiglu", "attention", "linear", "matmul_nt", "linear_cross_entropy",
            "compute_dtype", "causal_window_mask", "attention_reference", "use_kernels", "eager_only"]
