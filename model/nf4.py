@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from model.kernels import _switch
-from model.kernels._cbuild import CKernel, plain_cpu_tensors
+from model.kernels.cpu.build import CKernel, plain_cpu_tensors
 from model.kernels.frozen_linear import frozen_linear
 from model.kernels.triton import nf4 as nf4_kernels
 
@@ -222,7 +222,7 @@ def _open(path) -> ctypes.CDLL:
     return lib
 
 
-_CPU_KERNEL = CKernel(Path(__file__).with_name("kernels") / "nf4_cpu.c", _open, "NF4 (de)quantisation")
+_CPU_KERNEL = CKernel(Path(__file__).with_name("kernels") / "cpu" / "nf4.c", _open, "NF4 (de)quantisation")
 _CPU_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -254,7 +254,7 @@ def _chunk_buffer(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
 
 def dequantize_cpu_into(q: NF4Weight, out: torch.Tensor) -> torch.Tensor:
     """`dequantize_reference(q, out.dtype)` written into `out` (q.shape, CPU, contiguous), bit for bit, without
-    allocating: a C kernel (model/kernels/nf4_cpu.c, both threads) for float32 and bf16, else PyTorch, 2^18 weights
+    allocating: a C kernel (model/kernels/cpu/nf4.c, both threads) for float32 and bf16, else PyTorch, 2^18 weights
     at a time through four small per-thread buffers that are reused from call to call.
 
     The reference allocates its temporaries afresh at every call (int64 codes, float32 values, the product: 20

@@ -15,7 +15,7 @@ so the gradients are computed during the forward pass and the backward only scal
 and at least 256 tokens long.
 
 The per-chunk step (softmax, loss, gradient in place) is a Triton kernel on the Triton path (triton/cross_entropy.py),
-a C kernel for bf16 logits on the CPU (below), and elsewhere reference.chunk_step_reference in PyTorch: this file is
+a C kernel for bf16 logits on the CPU (cpu/cross_entropy.py), elsewhere reference.chunk_step_reference: this file is
 the algorithm, the same on every device. ignore_index tokens contribute neither loss nor gradient; optional label
 smoothing eps mixes in the uniform distribution as F.cross_entropy does:
 
@@ -24,51 +24,10 @@ smoothing eps mixes in the uniform distribution as F.cross_entropy does:
 """
 from __future__ import annotations
 
-import ctypes
-from pathlib import Path
-
 import torch
 
-from model.kernels._cbuild import CKernel, plain_cpu_tensors
-from model.kernels.matmul import matmul_nt
-from model.kernels.reference import chunk_step_reference
+from model.kernels.cpu.matmul import matmul_nt
 from model.kernels.triton.cross_entropy import chunk_step_triton
-
-
-# bf16 logits on the CPU (training under autocast): cross_entropy_cpu.c does the chunk step in two passes per
-# row for the statistics (max, sum of exponentials) and one for the gradient, in the logits' own memory, where the
-# reference makes a float32 copy and walks it six times (~0.5 s of a 6 s SmolLM2 LoRA step at micro-batch 4).
-
-def _open(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    lib.cross_entropy_chunk_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                             ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
-                                             ctypes.c_int]
-    lib.cross_entropy_chunk_bf16.restype = None
-    return lib
-
-
-KERNEL = CKernel(Path(__file__).with_name("cross_entropy_cpu.c"), _open, "cross-entropy")
-
-
-def _chunk_step_cpu(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
-                    write_grad: bool) -> torch.Tensor:
-    """reference.chunk_step_reference, through the C kernel for contiguous bf16 CPU logits (else the reference
-    itself)."""
-    lib = KERNEL.library() if (logits.dtype == torch.bfloat16 and logits.dim() == 2 and logits.is_contiguous()
-                               and plain_cpu_tensors(logits)) else None
-    if lib is None:
-        return chunk_step_reference(logits, targets, ignore_index, label_smoothing, write_grad)
-    n_rows, vocab_size = logits.shape
-    targets = targets.to(torch.int64).contiguous()
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-    if bad.any():
-        raise IndexError(f"cross-entropy target {int(targets[bad][0])} is out of range for a vocabulary of "
-                         f"{vocab_size} (ignore_index {ignore_index})")
-    loss = torch.empty(n_rows, dtype=torch.float32, device="cpu")
-    lib.cross_entropy_chunk_bf16(logits.data_ptr(), n_rows, vocab_size, targets.data_ptr(), ignore_index,
-                                 label_smoothing, loss.data_ptr(), int(write_grad), torch.get_num_threads())
-    return loss
 
 
 MIN_CHUNK = 256   # tokens: each chunk reads the whole [V, D] weight (twice), so a chunk must be worth a read
@@ -90,7 +49,8 @@ def _chunked_loss_and_grads(terms: list[tuple[torch.Tensor, torch.Tensor]], targ
 
     The terms are already in the compute dtype. Weight gradients accumulate in float32.
     """
-    step = chunk_step_triton if use_triton else _chunk_step_cpu
+    from model.kernels.cpu.cross_entropy import chunk_step_cpu   # at first use: the decoder's import builds no C
+    step = chunk_step_triton if use_triton else chunk_step_cpu
     n = targets.shape[0]
     losses = torch.empty(n, dtype=torch.float32, device=targets.device)
     grads: list[torch.Tensor | None] = []

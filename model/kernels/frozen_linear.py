@@ -3,7 +3,7 @@
 `frozen_linear` is the autograd wrapper. The base weight is frozen, so the backward needs only grad_x = grad_y @ W;
 the weight is dequantised again there instead of being saved, so no full-precision copy of a layer outlives its
 matmul (saving it would bring back the 14 GB that NF4 removes). The products are `matmul_nt`'s: cuBLAS on CUDA,
-oneDNN for float32 on the CPU (matmul.py).
+oneDNN for float32 on the CPU (cpu/matmul.py).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from model.kernels.matmul import matmul_nt
+from model.kernels.cpu.matmul import matmul_nt
 
 
 class _FrozenLinear(torch.autograd.Function):

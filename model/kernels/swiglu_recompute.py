@@ -9,17 +9,14 @@ below recomputes sigmoid(gate) from the two it keeps, as the Triton kernel (trit
     d gate = dy * up * s * (1 + gate * (1 - s))        (the derivative of gate * sigmoid(gate))
 
 Plain PyTorch, so it runs on any device; the switch (__init__.py) sends every non-Triton call here. bf16 CPU tensors
-(training under autocast) take the C kernel instead, which computes the same formulas in one pass each way.
+(training under autocast) take the C kernel instead (cpu/swiglu.py), which computes the same formulas in one pass
+each way.
 """
 from __future__ import annotations
-
-import ctypes
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from model.kernels._cbuild import CKernel, plain_cpu_tensors
 from model.kernels.reference import swiglu_reference
 
 
@@ -48,51 +45,9 @@ class SwiGLURecompute(torch.autograd.Function):
 
 
 def swiglu_recompute(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    if _c_kernel_takes(gate, up):
-        return SwiGLUCPU.apply(gate, up)
+    from model.kernels.cpu import swiglu as c_swiglu   # at first use: importing the decoder imports no C build
+    if c_swiglu.c_kernel_takes(gate, up):
+        return c_swiglu.SwiGLUCPU.apply(gate, up)
     if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
         return SwiGLURecompute.apply(gate, up)
     return swiglu_reference(gate, up)
-
-
-# bf16 on the CPU (training under autocast): eager PyTorch's bf16 elementwise ops each convert to float32 and back,
-# ~0.8 s of a 6 s SmolLM2 LoRA step at micro-batch 4; swiglu_cpu.c does the same formulas in one pass each way,
-# in float32, rounding each result once.
-
-def _open(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    lib.swiglu_forward.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int]
-    lib.swiglu_backward.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_int]
-    lib.swiglu_forward.restype = lib.swiglu_backward.restype = None
-    return lib
-
-
-KERNEL = CKernel(Path(__file__).with_name("swiglu_cpu.c"), _open, "SwiGLU")
-
-
-def _c_kernel_takes(gate: torch.Tensor, up: torch.Tensor) -> bool:
-    return (gate.dtype == up.dtype == torch.bfloat16 and gate.shape == up.shape and gate.numel() > 0
-            and plain_cpu_tensors(gate, up) and KERNEL.library() is not None)
-
-
-class SwiGLUCPU(torch.autograd.Function):
-    """silu(gate) * up for bf16 CPU tensors through swiglu_cpu.c; keeps gate and up, as SwiGLURecompute."""
-
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate.contiguous(), up.contiguous()
-        out = torch.empty_like(gate, memory_format=torch.contiguous_format)
-        KERNEL.library().swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
-                                        torch.get_num_threads())
-        ctx.save_for_backward(gate, up)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gate, up = ctx.saved_tensors
-        dy = dy.to(torch.bfloat16).contiguous()
-        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-        KERNEL.library().swiglu_backward(dy.data_ptr(), gate.data_ptr(), up.data_ptr(), dgate.data_ptr(),
-                                         dup.data_ptr(), gate.numel(), torch.get_num_threads())
-        return dgate, dup

@@ -305,7 +305,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_rows: int 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None,
                   block_rows: int, block_keys: int) -> None:
-    where = "model/kernels/flash_attention.py"
+    where = "model/kernels/triton/flash_attention.py"
     if triton is None:
         raise RuntimeError(f"{where}: flash_attention needs triton; use attention_reference without it")
     if not q.is_cuda and not INTERPRETING:
