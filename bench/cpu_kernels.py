@@ -3,20 +3,19 @@
     python bench/cpu_kernels.py            # ~1 minute
     python bench/cpu_kernels.py --threads 2
 
-One row per kernel (model/kernels/*.c; see docs/benchmarks.md, "LoRA training"), micro-batch 4 x 512 tokens,
+One row per kernel (model/kernels/cpu/*.c; see docs/benchmarks.md, "LoRA training"), micro-batch 4 x 512 tokens,
 the same inputs on both sides, alternated runs, medians:
   attention      attention_cpu (oneDNN products around a C softmax) against SDPA, forward + backward of one layer
                  ([4, 9, 512, 64] queries, 3 KV heads, causal), bf16
   dropout        the seeded C pass (float32 x -> bf16 dropped input) against PyTorch's five (uniform floats,
                  compare, multiply, cast, scale) on one adapter input [4, 512, 576]
-  SwiGLU         swiglu_cpu.c against the float32-arithmetic PyTorch recompute (SwiGLURecompute), forward +
+  SwiGLU         swiglu.c against the float32-arithmetic PyTorch recompute (SwiGLURecompute), forward +
                  backward, bf16 [4, 512, 1536]
-  loss chunk     cross_entropy_cpu.c against the PyTorch chunk step, on one chunk of bf16 logits [256, 49152]
+  loss chunk     cross_entropy.c against the PyTorch chunk step, on one chunk of bf16 logits [256, 49152]
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -27,8 +26,10 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import alternate, machine_summary, markdown_table, median, set_threads  # noqa: E402
 
-attention_cpu, swiglu, cross_entropy, dropout = (importlib.import_module(f"model.kernels.{name}")  # noqa: E402
-                                                 for name in ("attention_cpu", "swiglu", "cross_entropy", "dropout"))
+from model.kernels.cpu import attention as attention_cpu  # noqa: E402
+from model.kernels.cpu import cross_entropy, dropout, swiglu  # noqa: E402
+from model.kernels.reference import chunk_step_reference  # noqa: E402
+from model.kernels.swiglu_recompute import SwiGLURecompute  # noqa: E402
 
 
 def cases() -> dict[str, dict[str, object]]:
@@ -64,10 +65,10 @@ def cases() -> dict[str, dict[str, object]]:
             "ours": lambda: dropout.dropout(x, seed, p, bf16),
             "theirs": lambda: dropout.apply_mask(x, dropout.random_mask(x, p), p, bf16)},
         "SwiGLU forward + backward, [4, 512, 1536], bf16": {
-            "ours": swiglu_step(swiglu.SwiGLUCPU), "theirs": swiglu_step(swiglu.SwiGLURecompute)},
+            "ours": swiglu_step(swiglu.SwiGLUCPU), "theirs": swiglu_step(SwiGLURecompute)},
         "loss chunk step, [256, 49152] bf16 logits": {
-            "ours": lambda: cross_entropy._chunk_step_cpu(logits.clone(), targets, -100, 0.0, True),
-            "theirs": lambda: cross_entropy._chunk_step_reference(logits.clone(), targets, -100, 0.0, True)},
+            "ours": lambda: cross_entropy.chunk_step_cpu(logits.clone(), targets, -100, 0.0, True),
+            "theirs": lambda: chunk_step_reference(logits.clone(), targets, -100, 0.0, True)},
     }
 
 

@@ -13,7 +13,7 @@ and theirs:
                       with min_new_tokens = max_new_tokens, so both produce exactly the same number of tokens (the
                       two token sequences are also compared: greedy decoding must agree). Ours as `model.load`
                       gives it: float32 weights plus the GGUF's Q4_1/Q8_0 blocks, which decode steps read instead
-                      (the same weight values, float32 arithmetic; model/kernels/gguf_blocks.py). The row below it
+                      (the same weight values, float32 arithmetic; model/kernels/cpu/gguf_blocks.py). The row below it
                       is ours with the float32 weights alone (`load(..., gguf_blocks=False)`), as theirs runs.
   prompt lookup       the same greedy generation, speculative: up to --draft-tokens guesses copied from earlier in
                       the text, checked in one forward pass (ours `generate(..., draft_tokens=N)`, theirs

@@ -14,7 +14,7 @@ per product as in the model: compute-bound rows (a 2048-token LoRA step or scori
 backward products) report GFLOP/s; decode rows (1 and 7 tokens through every weight of the model, one step with
 and without 6 speculative guesses) report the GB/s of weights read. Each row: alternated runs, medians.
 A second table times the decode products of the real SmolLM2 GGUF both ways: oneDNN on the float32 weights, and
-the block kernel on the file's own Q4_1 / Q8_0 blocks (model/kernels/gguf_blocks.py).
+the block kernel on the file's own Q4_1 / Q8_0 blocks (model/kernels/cpu/gguf_blocks.py).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import alternate, machine_summary, markdown_table, median, set_threads  # noqa: E402
-from model.kernels.matmul import matmul_nt, use_onednn  # noqa: E402
+from model.kernels.cpu.matmul import matmul_nt, use_onednn  # noqa: E402
 
 DIM, HIDDEN, KV, VOCAB, LAYERS = 576, 1536, 192, 49152, 30
 BLOCK_SHAPES = [(DIM, DIM), (KV, DIM), (KV, DIM), (DIM, DIM), (HIDDEN, DIM), (HIDDEN, DIM), (DIM, HIDDEN)]
@@ -83,9 +83,9 @@ def main() -> None:
 
 def gguf_blocks_table(runs: int) -> None:
     """Decode products of the real SmolLM2 GGUF: oneDNN on the float32 weights vs the block kernel on the file's
-    Q4_1 / Q8_0 blocks (model/kernels/gguf_blocks.py), the same weights; time per pass over all 211 products."""
+    Q4_1 / Q8_0 blocks (model/kernels/cpu/gguf_blocks.py), the same weights; time per pass over all 211 products."""
     from model import load
-    from model.kernels import gguf_blocks
+    from model.kernels.cpu import gguf_blocks
     model, _ = load("smollm2-135m", require_tokenizer=False)
     layers = [m for m in model.modules() if getattr(m, "gguf_blocks", None) is not None]
     if not layers:

@@ -11,7 +11,7 @@ Curie-7B's adapters on both sides: rank 32, alpha 64, dropout 0.05 on q, k, v, o
           forward with use_cache=False (no KV cache is built while training)
 One step, as train.py does it: the same random tokens [micro_batch, 513], forward and loss under the configuration's
 autocast (none, or bf16), backward, AdamW on the LoRA parameters only. The loss is each side's own training path:
-  ours    model(inputs, targets=targets): the fused head + cross-entropy (model/kernels/cross_entropy.py)
+  ours    model(inputs, targets=targets): the fused head + cross-entropy (model/kernels/chunked_loss.py)
   theirs  cross_entropy(logits.float().flatten(0, 1), targets), what transformers' own `labels=` loss computes
 Base weights are float32 in every configuration.
 

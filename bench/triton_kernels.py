@@ -94,11 +94,13 @@ def run(s: Setting, on_row: Callable[[Row], None] | None = None, deadline: float
     import torch
     import torch.nn.functional as F
 
-    from model.kernels.cross_entropy import linear_cross_entropy_fused, linear_cross_entropy_reference
-    from model.kernels.flash_attention import flash_attention
-    from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
-    from model.kernels.rope import apply_rope_reference, apply_rope_triton
-    from model.kernels.swiglu import swiglu_reference, swiglu_triton
+    from model.kernels.chunked_loss import linear_cross_entropy_fused
+    from model.kernels.reference import (apply_rope_reference, linear_cross_entropy_reference, rms_norm_reference,
+                                        swiglu_reference)
+    from model.kernels.triton.flash_attention import flash_attention
+    from model.kernels.triton.rms_norm import rms_norm_triton
+    from model.kernels.triton.rope import apply_rope_triton
+    from model.kernels.triton.swiglu import swiglu_triton
 
     device, dtype = torch.device(s.device), getattr(torch, s.dtype)
     torch.manual_seed(0)

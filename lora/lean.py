@@ -7,7 +7,7 @@ Dropout. The gradient of A needs the dropped-out input. nn.Dropout followed by a
 of x for it (the dropout's noise and its output), per adapter: with Curie's seven adapters per block that is more
 than half of a LoRA step's activations. `_DropoutThenA` keeps x itself (q, k and v share one input, so they share
 one saved x, as do gate and up) and the 64-bit seed of its mask, and rebuilds the dropped-out input in the backward
-pass (model/kernels/dropout.py: the mask is a function of the seed, drawn and applied in one C pass on the CPU;
+pass (model/kernels/cpu/dropout.py: the mask is a function of the seed, drawn and applied in one C pass on the CPU;
 where that kernel does not run, a one-byte keep-mask is kept instead). The masks are independent per adapter, as
 with nn.Dropout.
 
@@ -25,8 +25,8 @@ import torch.nn as nn
 
 from lora.layers import LoRALinear
 from model.kernels import compute_dtype, linear, matmul_nt
-from model.kernels import dropout as D
-from model.kernels.nf4 import frozen_linear
+from model.kernels.cpu import dropout as D
+from model.kernels.frozen_linear import frozen_linear
 
 
 class LeanLoRALinear(LoRALinear):

@@ -7,9 +7,9 @@ of the module it replaces with the same parameters, so a swap is a change of cla
 weights, optimiser state and hooks stay as they were.
 
     nn.Linear          -> OneDNNLinear      products through `kernels.linear`: oneDNN for float32 on the CPU, where
-                                            F.linear's BLAS runs a generic path (model/kernels/matmul.py)
+                                            F.linear's BLAS runs a generic path (model/kernels/cpu/matmul.py)
     HeadLoss           -> FusedHeadLoss     head + cross-entropy chunked over the vocabulary, so the [tokens, vocab]
-                                            logits never exist (model/kernels/cross_entropy.py); a LoRA head's
+                                            logits never exist (model/kernels/chunked_loss.py); a LoRA head's
                                             low-rank path enters as an extra term
     LoRALinear         -> LeanLoRALinear    the memory-lean training variant (lora/lean.py): a seeded dropout mask
                                             rebuilt in the backward, no saved bf16 copy of a frozen float32 weight

@@ -14,7 +14,7 @@ import torch
 
 from model import kernels
 from model.fast import OneDNNLinear
-from model.kernels import gguf_blocks as block_kernel
+from model.kernels.cpu import gguf_blocks as block_kernel
 
 
 class GGUFBlockLinear(OneDNNLinear):

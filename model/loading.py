@@ -217,7 +217,7 @@ def keep_gguf_blocks(model: Transformer, g: GGUFFile) -> int:
     which decode steps read instead of the float32 weight (model/gguf_linear.py). -> bytes kept (0 where the
     kernel cannot be built: then nothing is kept)."""
     from model.gguf_linear import GGUFBlockLinear
-    from model.kernels import gguf_blocks
+    from model.kernels.cpu import gguf_blocks
     layers = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module.bias is not None or module.weight.dtype != torch.float32 \

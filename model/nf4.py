@@ -17,7 +17,8 @@ quant_type="nf4", blocksize=64, compress_statistics=True)`, so our codes and deq
 
 The base is frozen: `NF4Linear` dequantises its weight at every forward (in the input's dtype) and again in the
 backward, which then needs only grad_x = grad_y @ W; no full-precision copy outlives the matmul. On CUDA the
-dequantisation is a Triton kernel (model/kernels/nf4.py); everywhere else the plain-PyTorch `dequantize_reference`.
+dequantisation is a Triton kernel (model/kernels/triton/nf4.py); everywhere else the plain-PyTorch
+`dequantize_reference`.
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ import torch
 import torch.nn as nn
 
 from model.kernels import _switch
-from model.kernels import nf4 as nf4_kernels
-from model.kernels._cbuild import CKernel, plain_cpu_tensors
+from model.kernels.cpu.build import CKernel, plain_cpu_tensors
+from model.kernels.frozen_linear import frozen_linear
+from model.kernels.triton import nf4 as nf4_kernels
 
 BLOCK_SIZE = 64         # weights sharing one absmax (QLoRA: 64)
 SCALE_BLOCK_SIZE = 256  # absmax values sharing one second-level scale (QLoRA: 256)
@@ -220,7 +222,7 @@ def _open(path) -> ctypes.CDLL:
     return lib
 
 
-_CPU_KERNEL = CKernel(Path(__file__).with_name("kernels") / "nf4_cpu.c", _open, "NF4 (de)quantisation")
+_CPU_KERNEL = CKernel(Path(__file__).with_name("kernels") / "cpu" / "nf4.c", _open, "NF4 (de)quantisation")
 _CPU_KINDS = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -252,7 +254,7 @@ def _chunk_buffer(name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
 
 def dequantize_cpu_into(q: NF4Weight, out: torch.Tensor) -> torch.Tensor:
     """`dequantize_reference(q, out.dtype)` written into `out` (q.shape, CPU, contiguous), bit for bit, without
-    allocating: a C kernel (model/kernels/nf4_cpu.c, both threads) for float32 and bf16, else PyTorch, 2^18 weights
+    allocating: a C kernel (model/kernels/cpu/nf4.c, both threads) for float32 and bf16, else PyTorch, 2^18 weights
     at a time through four small per-thread buffers that are reused from call to call.
 
     The reference allocates its temporaries afresh at every call (int64 codes, float32 values, the product: 20
@@ -369,7 +371,7 @@ class NF4Linear(nn.Module):
         # x [..., in_features] -> [..., out_features], computed in x's dtype (bf16 training keeps its speed).
         # The weight exists only for the product (forward) and again for grad_x (backward): on the CPU it is
         # written into a buffer shared by every layer of its size instead of a fresh allocation per call.
-        return nf4_kernels.frozen_linear(x, self._scratch_weight)
+        return frozen_linear(x, self._scratch_weight)
 
     def _scratch_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_scratch(self.quantized, dtype)

@@ -1,11 +1,10 @@
-"""The bf16 CPU kernels of LoRA training under autocast: attention (attention_cpu.py / .c), SwiGLU (swiglu_cpu.c)
-and the cross-entropy chunk step (cross_entropy_cpu.c). Each is checked, forward and gradients, against float64
-with fresh random inputs, on every path the C file has: the CPU's own (AVX-512 here) and plain C built on purpose,
-with one and two threads."""
+"""The bf16 CPU kernels of LoRA training under autocast (model/kernels/cpu/): attention (attention.py / .c), SwiGLU
+(swiglu.py / .c) and the cross-entropy chunk step (cross_entropy.py / .c). Each is checked, forward and gradients,
+against float64 with fresh random inputs, on every path the C file has: the CPU's own (AVX-512 here) and plain C
+built on purpose, with one and two threads."""
 from __future__ import annotations
 
 import contextlib
-import importlib
 import shutil
 
 import pytest
@@ -13,12 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from model import kernels
-from model.kernels import _cbuild
-from model.kernels.flash_attention import attention_reference
-
-# The modules (model.kernels exports functions of the same names as two of them).
-attention_cpu, swiglu, cross_entropy = (importlib.import_module(f"model.kernels.{name}")
-                                        for name in ("attention_cpu", "swiglu", "cross_entropy"))
+from model.kernels.cpu import attention as attention_cpu
+from model.kernels.cpu import build, cross_entropy, swiglu
+from model.kernels.reference import attention_reference, chunk_step_reference
+from model.kernels.swiglu_recompute import swiglu_recompute
 
 HAVE_CC = shutil.which("cc") is not None
 pytestmark = pytest.mark.skipif(not HAVE_CC, reason="no C compiler: the PyTorch paths are the only ones")
@@ -34,7 +31,7 @@ def path(request, tmp_path_factory):
     if flags is not None:
         for name, m in MODULES.items():
             target = tmp_path_factory.mktemp(name) / f"{name}.so"
-            error = _cbuild.compile_library(m.KERNEL.source, flags, target)
+            error = build.compile_library(m.KERNEL.source, flags, target)
             assert error is None, error
             m.KERNEL.lib, m.KERNEL.tried = m.KERNEL.opener(target), True
     for m in MODULES.values():
@@ -170,7 +167,7 @@ def test_swiglu_matches_float64(path, shape, n_threads):
     gate.view(-1)[:3] = torch.tensor([0.0, -30.0, 30.0])    # the sigmoid's flat ends and its midpoint
     dy = torch.randn(shape).to(torch.bfloat16)
     with threads(n_threads):
-        ours = grads(swiglu.swiglu_recompute, (gate, up), dy)
+        ours = grads(swiglu_recompute, (gate, up), dy)
     exact = grads(lambda g, u: F.silu(g) * u, (gate.double(), up.double()), dy.double())
     for name, o, e in zip(("output", "d gate", "d up"), ours, exact):
         assert o.dtype == torch.bfloat16
@@ -180,8 +177,8 @@ def test_swiglu_matches_float64(path, shape, n_threads):
 
 def test_swiglu_float32_keeps_the_reference():
     gate, up = torch.randn(10, 8, requires_grad=True), torch.randn(10, 8)
-    assert not swiglu._c_kernel_takes(gate, up)
-    torch.testing.assert_close(swiglu.swiglu_recompute(gate, up), F.silu(gate) * up, rtol=0, atol=0)
+    assert not swiglu.c_kernel_takes(gate, up)
+    torch.testing.assert_close(swiglu_recompute(gate, up), F.silu(gate) * up, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------- cross-entropy
@@ -197,7 +194,7 @@ def test_cross_entropy_chunk_matches_float64(path, label_smoothing, n_threads):
     targets[5] = v - 1
     z = logits.clone()
     with threads(n_threads):
-        loss = cross_entropy._chunk_step_cpu(z, targets, -100, label_smoothing, write_grad=True)
+        loss = cross_entropy.chunk_step_cpu(z, targets, -100, label_smoothing, write_grad=True)
     z64 = logits.double().requires_grad_()
     kept = targets != -100
     per_token = F.cross_entropy(z64, targets, ignore_index=-100, label_smoothing=label_smoothing, reduction="none")
@@ -208,14 +205,14 @@ def test_cross_entropy_chunk_matches_float64(path, label_smoothing, n_threads):
     torch.testing.assert_close(z.double(), z64.grad, rtol=2**-8, atol=1e-7)
     # Without write_grad the logits stay as they were.
     z = logits.clone()
-    cross_entropy._chunk_step_cpu(z, targets, -100, label_smoothing, write_grad=False)
+    cross_entropy.chunk_step_cpu(z, targets, -100, label_smoothing, write_grad=False)
     assert torch.equal(z, logits)
 
 
 def test_cross_entropy_chunk_rejects_targets_outside_the_vocabulary(path):
     logits = torch.randn(4, 50).to(torch.bfloat16)
     with pytest.raises(IndexError, match="target 50 is out of range for a vocabulary of 50"):
-        cross_entropy._chunk_step_cpu(logits, torch.tensor([1, 2, 50, 3]), -100, 0.0, write_grad=True)
+        cross_entropy.chunk_step_cpu(logits, torch.tensor([1, 2, 50, 3]), -100, 0.0, write_grad=True)
 
 
 def test_attention_long_sequences_train_on_sdpa():
@@ -244,7 +241,7 @@ warnings.simplefilter("always")
 import torch, lora
 from model import ModelArgs, Transformer
 from model import fast
-from model.kernels import dropout
+from model.kernels.cpu import dropout
 torch.manual_seed(0)
 model = fast.apply(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=48,
                                          vocab_size=64, sliding_window=None)))
@@ -296,8 +293,8 @@ def test_attention_and_loss_let_nan_through(path):
     logits = torch.randn(3, 70).to(torch.bfloat16)
     logits[1, 9] = float("nan")
     z, z_ref = logits.clone(), logits.clone()
-    loss = cross_entropy._chunk_step_cpu(z, torch.tensor([1, 2, 3]), -100, 0.0, write_grad=True)
-    loss_ref = cross_entropy._chunk_step_reference(z_ref, torch.tensor([1, 2, 3]), -100, 0.0, write_grad=True)
+    loss = cross_entropy.chunk_step_cpu(z, torch.tensor([1, 2, 3]), -100, 0.0, write_grad=True)
+    loss_ref = chunk_step_reference(z_ref, torch.tensor([1, 2, 3]), -100, 0.0, write_grad=True)
     assert torch.equal(loss.isnan(), loss_ref.isnan()) and torch.equal(z.isnan(), z_ref.isnan())
     assert z[1].isnan().all() and not z[0].isnan().any()
 
@@ -324,8 +321,8 @@ def test_cross_entropy_chunk_with_a_minus_inf_logit(path):
     loss64.sum().backward()
     assert z64.grad[0, 7] == 0
     z, z_ref = logits.clone(), logits.clone()
-    loss = cross_entropy._chunk_step_cpu(z, targets, -100, 0.0, write_grad=True)
-    loss_ref = cross_entropy._chunk_step_reference(z_ref, targets, -100, 0.0, write_grad=True)
+    loss = cross_entropy.chunk_step_cpu(z, targets, -100, 0.0, write_grad=True)
+    loss_ref = chunk_step_reference(z_ref, targets, -100, 0.0, write_grad=True)
     assert torch.isfinite(loss).all()
     for ours, grad in ((loss, z), (loss_ref, z_ref)):
         torch.testing.assert_close(ours.double(), loss64.detach(), rtol=1e-5, atol=1e-5)
@@ -352,7 +349,7 @@ def test_a_bf16_lora_step_reaches_every_kernel(path):
     # the speed bench/lora_train.py and bench/cpu_kernels.py measure is the code these tests check.
     import lora
     from model import ModelArgs, Transformer, fast
-    from model.kernels import dropout
+    from model.kernels.cpu import dropout
 
     class Counting:
         def __init__(self, lib):

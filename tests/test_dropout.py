@@ -1,4 +1,4 @@
-"""The seeded dropout (model/kernels/dropout.py, dropout.c): the C pass against its PyTorch reference bit for bit,
+"""The seeded dropout (model/kernels/cpu/dropout.py, dropout.c): the C pass against its PyTorch reference bit for bit,
 the reference's hash against a scalar Python spelling of it, and the masks' statistics."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from model.kernels import dropout as D
+from model.kernels.cpu import dropout as D
 from model.kernels._switch import use_kernels
 
 # Skipped only where there is no C compiler. With one, a kernel that fails to build is a failure, not a skip.

@@ -1,4 +1,4 @@
-"""Decoding from a GGUF's own blocks (model/kernels/gguf_blocks.c): each SIMD path of the C kernel against float64
+"""Decoding from a GGUF's own blocks (model/kernels/cpu/gguf_blocks.c): each SIMD path of the C kernel against float64
 on random blocks, packing against the dequantisers (ours and the gguf package's), when the layer uses it and when
 it must not, and whole models loaded from quantised GGUFs: the same logits and tokens as from the float32 weights.
 """
@@ -22,7 +22,8 @@ from model.args import ModelArgs
 from model.generate import generate
 from model.gguf import GGML_TYPES, dequantize as gguf_dequantize
 from model.gguf_linear import GGUFBlockLinear as Linear
-from model.kernels import gguf_blocks, use_kernels
+from model.kernels import use_kernels
+from model.kernels.cpu import gguf_blocks
 from model.loading import drop_gguf_blocks, load
 from model.transformer import Transformer
 from tests.test_gguf import random_blocks
@@ -327,7 +328,7 @@ def test_a_cached_library_that_does_not_load_is_built_again(tmp_path, monkeypatc
     truncated.write_bytes(built.read_bytes()[:100])
     os.replace(truncated, built)
     # A new process (this one has the library loaded already, and dlopen would hand it back by name).
-    check = ("import warnings; warnings.simplefilter('error'); from model.kernels import gguf_blocks; "
+    check = ("import warnings; warnings.simplefilter('error'); from model.kernels.cpu import gguf_blocks; "
              "assert gguf_blocks.library() is not None")
     run = subprocess.run([sys.executable, "-c", check], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, env={**os.environ, "MINICURIE_CACHE": str(tmp_path)})

@@ -19,7 +19,8 @@ from typing import Callable
 import pytest
 import torch
 
-from model.kernels import flash_attention as fa
+from model.kernels.reference import attention_reference
+from model.kernels.triton import flash_attention as fa
 from tests.kernel_testing import (DEVICE, DTYPES, TOLERANCES, assert_close, forward_backward, poisoned_allocations,
                                   skip_bf16_in_interpreter)
 
@@ -108,7 +109,7 @@ def test_flash_attention_matches_float64(case: tuple, dtype: torch.dtype):
 def test_reference_matches_float64(dtype: torch.dtype):
     q, k, v = random_qkv(2, 6, 2, 30, 16, dtype)
     do = torch.randn(q.shape, device=DEVICE).to(dtype)
-    o, (dq, dk, dv) = forward_backward(lambda q, k, v: fa.attention_reference(q, k, v, 7), [q, k, v], do)
+    o, (dq, dk, dv) = forward_backward(lambda q, k, v: attention_reference(q, k, v, 7), [q, k, v], do)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     o64, _ = attention_float64(q64, k64, v64, 7, 16 ** -0.5)
     o64.backward(do.double())

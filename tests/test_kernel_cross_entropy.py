@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.kernels.cross_entropy import MIN_CHUNK, linear_cross_entropy_fused, linear_cross_entropy_reference
+from model.kernels.chunked_loss import MIN_CHUNK, linear_cross_entropy_fused
+from model.kernels.reference import linear_cross_entropy_reference
 from tests.kernel_testing import (DEVICE, DTYPES, assert_close, forward_backward, peak_allocated_bytes,
                                   skip_bf16_in_interpreter)
 

@@ -1,4 +1,4 @@
-"""kernels.linear: float32 products in oneDNN on the CPU (model/kernels/matmul.py), forward and gradients.
+"""kernels.linear: float32 products in oneDNN on the CPU (model/kernels/cpu/matmul.py), forward and gradients.
 
 The reference is float64 arithmetic on the same inputs. The tolerance is the textbook bound for a float32 sum of K
 products in any order: |fl(sum) - sum| <= gamma_K * sum |terms|, gamma_K = K u / (1 - K u), u = 2^-24, taken
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model.kernels import linear, matmul_nt, use_kernels
-from model.kernels.matmul import _LINEAR_POINTWISE, use_onednn
+from model.kernels.cpu.matmul import _LINEAR_POINTWISE, use_onednn
 
 pytestmark = pytest.mark.skipif(_LINEAR_POINTWISE is None, reason="this PyTorch build has no oneDNN linear op")
 
@@ -119,7 +119,7 @@ def test_other_dtypes_devices_autocast_and_reference_switch_take_f_linear():
 def test_the_decoder_and_lora_route_their_products_through_it(monkeypatch):
     """The wiring: every linear layer of the accelerated decoder (model.fast.apply), and LoRA's A and B, reach the
     oneDNN op in float32 on the CPU (forward and backward), so the speed measured in bench/ is the code path the tests check."""
-    import model.kernels.matmul as matmul_module
+    import model.kernels.cpu.matmul as matmul_module
     from lora import LoRAConfig, inject_lora
     from model.args import PRESETS
     from model.transformer import Transformer

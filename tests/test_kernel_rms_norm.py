@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
+from model.kernels.reference import rms_norm_reference
+from model.kernels.triton.rms_norm import rms_norm_triton
 from tests.kernel_testing import DEVICE, DTYPES, assert_close, forward_backward, skip_bf16_in_interpreter
 
 EPS = 1e-5

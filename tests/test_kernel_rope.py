@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.kernels.rope import apply_rope_reference, apply_rope_triton
+from model.kernels.reference import apply_rope_reference
+from model.kernels.triton.rope import apply_rope_triton
 from tests.kernel_testing import DEVICE, DTYPES, assert_close, forward_backward, skip_bf16_in_interpreter
 
 IMPLEMENTATIONS = {"triton": apply_rope_triton, "reference": apply_rope_reference}

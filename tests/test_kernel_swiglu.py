@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.kernels.swiglu import _swiglu_forward, swiglu_recompute, swiglu_reference, swiglu_triton
+from model.kernels.reference import swiglu_reference
+from model.kernels.swiglu_recompute import swiglu_recompute
+from model.kernels.triton.swiglu import _swiglu_forward, swiglu_triton
 from tests.kernel_testing import (DEVICE, DTYPES, assert_close, forward_backward, poisoned_allocations,
                                   skip_bf16_in_interpreter)
 

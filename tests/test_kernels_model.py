@@ -127,6 +127,29 @@ with kernels.use_kernels("triton"):
     assert result.returncode == 0, result.stderr
 
 
+def test_importing_the_decoder_imports_no_c_build(tmp_path):
+    # The C side (model/kernels/cpu/) is imported at its first call: importing the decoder imports neither the build
+    # helper (nor, through it, model.sources) nor a C wrapper; a call that may take a C path (SwiGLU) then does.
+    code = """
+import sys, torch
+import model.transformer
+from model import kernels
+loaded = lambda: sorted(m for m in sys.modules if m.startswith("model.kernels.cpu.") and m != "model.kernels.cpu.matmul"
+                        or m in ("model.sources", "model.gguf"))
+print(loaded())
+kernels.swiglu(torch.randn(4).bfloat16(), torch.randn(4).bfloat16())
+print(loaded())
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, _switch.ENV_VAR: "auto", "CC": "no-such-compiler", "MINICURIE_CACHE": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    after_import, after_call = run.stdout.strip().splitlines()
+    assert after_import == "[]"
+    assert "model.kernels.cpu.build" in after_call and "model.kernels.cpu.swiglu" in after_call
+
+
 @pytest.mark.parametrize("head_dim, flash_runs", [(16, True), (24, False), (8, False), (256, False)])
 def test_auto_falls_back_where_flash_attention_has_no_tiles(triton_calls, monkeypatch, head_dim, flash_runs):
     # Auto mode on CUDA, simulated on the CPU: use_triton answers yes, as it does there for CUDA tensors.

@@ -13,7 +13,7 @@ from lora import (LoRAConfig, LoRALinear, count_parameters, export_merged_hf, in
                   lora_modules, merge_lora, parameter_summary, remove_lora, save_adapter, unmerge_lora)
 from lora.lean import LeanLoRALinear
 from lora.adapter import ADAPTER_WEIGHTS
-from model.kernels import dropout as D
+from model.kernels.cpu import dropout as D
 from model.args import ModelArgs
 from model.loading import load
 from model.nf4 import NF4Linear

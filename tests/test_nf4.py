@@ -1,4 +1,5 @@
-"""NF4 (model/nf4.py, model/kernels/nf4.py) against float64 references, brute force and bitsandbytes.
+"""NF4 (model/nf4.py, model/kernels/triton/nf4.py, model/kernels/frozen_linear.py) against float64 references,
+brute force and bitsandbytes.
 
     codebooks        NF4 = normal quantiles (scipy, float64); dynamic tree = its definition in float64
     round trip       every code is the float64-nearest, every weight NF4[code] * its double-quantised scale
@@ -15,7 +16,8 @@ import torch.nn as nn
 from model import nf4
 from model.args import ModelArgs
 from model.kernels import _switch
-from model.kernels import nf4 as nf4_kernels
+from model.kernels.frozen_linear import frozen_linear
+from model.kernels.triton import nf4 as nf4_kernels
 from model.transformer import Transformer
 
 # Shapes whose element count is, and is not, a multiple of 64 (and of 2, and of 64 * 256 blocks).
@@ -439,7 +441,7 @@ def test_nf4_linear_reuses_its_dequantisation_buffer(dtype, mode, monkeypatch):
     x = torch.randn(4, 128, dtype=dtype, requires_grad=True)
     g = torch.randn(4, 192, dtype=dtype)
     # The allocating version: the reference dequantisation at every call.
-    want_y = [nf4_kernels.frozen_linear(x, layer.dequantize) for layer in layers]
+    want_y = [frozen_linear(x, layer.dequantize) for layer in layers]
     want_dx = [torch.autograd.grad(y, x, g)[0] for y in want_y]
 
     pointers = []

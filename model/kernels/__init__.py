@@ -1,16 +1,38 @@
-"""The decoder's hot operations, each a fused Triton kernel beside its plain-PyTorch reference.
+"""The decoder's hot operations: one switch in front of their plain-PyTorch maths and the fast paths that compute it.
 
-One switch (model/kernels/_switch.py) decides the path per call: the Triton kernels for CUDA tensors, the
-references everywhere else; MINICURIE_KERNELS=auto|triton|reference or `with use_kernels("triton"):` forces one.
-`linear` is the exception: cuBLAS on CUDA, and oneDNN for float32 products on the CPU (see matmul.py). In auto
-mode `attention` also takes PyTorch's SDPA where the flash kernel has no tiles (head_dim other than 16/32/64/128).
-On the CPU, bf16 tensors (training under autocast) take small C kernels where a C compiler is present
-(_cbuild.py builds them at first use): attention of a whole causal sequence (attention_cpu.py: oneDNN products
-around a C softmax), SwiGLU (swiglu_cpu.c) and the loss's chunk step (cross_entropy_cpu.c); LoRA's dropout
-(dropout.py) rebuilds its mask from a seed, in C for float32 and bf16 alike. MINICURIE_KERNELS=reference turns
-them all off.
-`TRITON_INTERPRET=1` (set before anything imports triton) runs the Triton path on the CPU, which is how the tests
-check it.
+What the folder holds, grouped by what each piece is for:
+
+    __init__.py          the switch: each operation picks its path per call (this file)
+    _switch.py           which path may run: MINICURIE_KERNELS=auto|triton|reference, or `with use_kernels(...)`
+    reference.py         the maths, in plain PyTorch: rms_norm, apply_rope, swiglu, attention + causal_window_mask,
+                         the head + cross-entropy and its chunk step. Read this one; every fast path is tested
+                         against it and against float64.
+    chunked_loss.py      the head + loss a chunk of tokens at a time, so the [N, V] logits never exist   } plain
+    swiglu_recompute.py  SwiGLU keeping gate and up, not silu(gate), for the backward                    } PyTorch,
+    frozen_linear.py     x @ W.T for a frozen W rebuilt on demand (the NF4 base), no W kept for backward  } any device
+    triton/              the GPU kernels, one file per operation, forward and backward: rms_norm, rope, swiglu,
+                         flash_attention, cross_entropy (chunked_loss's step), nf4 (dequantisation)
+    cpu/                 the CPU side: build.py compiles each C source at first use and loads it with ctypes;
+                         cpu_vec.h (shared by the C files) beside them, as the build's cache key wants. attention,
+                         swiglu, cross_entropy (chunked_loss's step): bf16 kernels for training under autocast;
+                         dropout (a mask rebuilt from a seed); nf4.c (its wrapper is model/nf4.py); gguf_blocks
+                         (decode products from a GGUF's 4/8-bit blocks); matmul.py (float32 products in oneDNN)
+
+chunked_loss.py, swiglu_recompute.py and frozen_linear.py sit at the top because they are algorithms, not kernels:
+the same PyTorch on every device, with the per-chunk or per-element work handed to triton/ or cpu/ where those run.
+Formats keep their PyTorch reference beside their kernel (cpu/dropout.py's stream, model/nf4.py's dequantisation,
+cpu/gguf_blocks.py's block product): each is the exact specification one kernel is compared with bit for bit, not
+part of the decoder's maths.
+
+Which path runs: the Triton kernels for CUDA tensors, the references everywhere else; `linear` is cuBLAS on CUDA
+and oneDNN for float32 products on the CPU (cpu/matmul.py). In auto mode `attention` also takes PyTorch's SDPA
+where the flash kernel has no tiles (head_dim other than 16/32/64/128), and SDPA is its CPU path. On the CPU, bf16
+tensors (training under autocast) take the C kernels where a C compiler is present: attention of a whole causal
+sequence (oneDNN products around a C softmax), SwiGLU and the loss's chunk step; LoRA's dropout (lora/lean.py)
+rebuilds its mask from a seed, in C for float32 and bf16 alike. The C side is imported at its first call, so
+importing the decoder neither imports the build helper nor compiles anything. MINICURIE_KERNELS=reference turns
+every fast path off. `TRITON_INTERPRET=1` (set before anything imports triton) runs the Triton path on the CPU,
+which is how the tests check it.
 
 Call signatures (the decoder relies on these; `Transformer(tokens, targets=...)` uses linear_cross_entropy):
     rms_norm(x[..., D], weight[D], eps) -> [..., D]                  x's dtype (promoted with weight's)
@@ -22,7 +44,7 @@ Call signatures (the decoder relies on these; `Transformer(tokens, targets=...)`
     linear_cross_entropy(h[N, D], weight[V, D], targets[N], ignore_index=-100, label_smoothing=0.0,
                          extra_terms=((x[N, d], w[V, d]), ...))
         -> mean loss over kept tokens of logits h @ weight.T (+ x @ w.T for each extra term: a LoRA head's
-           low-rank path); always chunked, so the [N, V] logits never exist (see cross_entropy.py)
+           low-rank path); always chunked, so the [N, V] logits never exist (see chunked_loss.py)
 """
 from __future__ import annotations
 
@@ -30,16 +52,15 @@ import torch
 import torch.nn.functional as F
 
 from model.kernels._switch import current_mode, use_kernels, use_triton
-from model.kernels.attention_cpu import attention_cpu
-from model.kernels.attention_cpu import supports as attention_cpu_supports
-from model.kernels.cross_entropy import compute_dtype, linear_cross_entropy_fused
-from model.kernels.flash_attention import attention_reference, causal_window_mask
-from model.kernels.flash_attention import flash_attention as flash_attention_triton
-from model.kernels.flash_attention import supports as flash_attention_supports
-from model.kernels.matmul import eager_only, linear, matmul_nt
-from model.kernels.rms_norm import rms_norm_reference, rms_norm_triton
-from model.kernels.rope import apply_rope_reference, apply_rope_triton
-from model.kernels.swiglu import swiglu_recompute, swiglu_triton
+from model.kernels.chunked_loss import compute_dtype, linear_cross_entropy_fused
+from model.kernels.cpu.matmul import eager_only, linear, matmul_nt
+from model.kernels.reference import apply_rope_reference, attention_reference, causal_window_mask, rms_norm_reference
+from model.kernels.swiglu_recompute import swiglu_recompute
+from model.kernels.triton.flash_attention import flash_attention as flash_attention_triton
+from model.kernels.triton.flash_attention import supports as flash_attention_supports
+from model.kernels.triton.rms_norm import rms_norm_triton
+from model.kernels.triton.rope import apply_rope_triton
+from model.kernels.triton.swiglu import swiglu_triton
 
 __all__ = ["rms_norm", "apply_rope", "swiglu", "attention", "linear", "matmul_nt", "linear_cross_entropy",
            "compute_dtype", "causal_window_mask", "attention_reference", "use_kernels", "eager_only"]
@@ -68,9 +89,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window:
     # on SDPA below; a forced "triton" path still goes to the kernel, which says what it cannot do.
     if use_triton(q, k, v) and (current_mode() == "triton" or flash_attention_supports(q, k, v)):
         return flash_attention_triton(q, k, v, sliding_window)
-    # bf16 on the CPU (training under autocast): oneDNN products around a C softmax, ~2x SDPA (attention_cpu.py).
-    if attention_cpu_supports(q, k, v, sliding_window):
-        return attention_cpu(q, k, v)
+    # bf16 on the CPU (training under autocast): oneDNN products around a C softmax, ~2x SDPA (cpu/attention.py),
+    # imported at first use, so that importing the decoder builds and imports no C.
+    from model.kernels.cpu import attention as c_attention
+    if c_attention.supports(q, k, v, sliding_window):
+        return c_attention.attention_cpu(q, k, v)
     # Elsewhere PyTorch's fused attention, with the mask that attention_reference spells out.
     t = q.shape[-2]
     gqa = q.shape[1] != k.shape[1]

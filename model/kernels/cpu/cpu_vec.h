@@ -1,6 +1,6 @@
-/* Shared by our CPU C kernels (attention_cpu.c, swiglu_cpu.c, cross_entropy_cpu.c, dropout.c): float32 <-> bf16
+/* Shared by our CPU C kernels (attention.c, swiglu.c, cross_entropy.c, dropout.c, nf4.c): float32 <-> bf16
  * and exp, one float at a time and, on AVX-512, 16 at a time with masked loads and stores for a row's tail.
- * Included, not compiled on its own (_cbuild.py keys a library on the headers beside its source too). bf16 is the
+ * Included, not compiled on its own (build.py keys a library on the headers beside its source too). bf16 is the
  * top half of a float32, rounded to nearest even (NaN -> 0x7fc0), as PyTorch rounds.
  */
 #ifndef MINICURIE_CPU_VEC_H

@@ -3,7 +3,7 @@
 Why. Under bf16 autocast a SmolLM2 LoRA step spends ~2.5 s of ~9 in PyTorch's CPU flash attention (SDPA), which
 runs its [block x block] products at ~40-55 GFLOP/s on a core that does ~400 in oneDNN's bf16 GEMM. Here every
 product is one large oneDNN GEMM per (sequence, KV head, block of queries), and the elementwise work between them
-(softmax forward, the softmax's gradient) is one vectorised C pass each (attention_cpu.c), which also writes the
+(softmax forward, the softmax's gradient) is one vectorised C pass each (attention.c), which also writes the
 bf16 operands of the next products: about 2x faster than SDPA forward + backward (docs/benchmarks.md).
 
 Shapes and grouping. q [B, H, T, D], k and v [B, Hkv, T, D]; query head h reads KV head h // G (G = H / Hkv). For
@@ -18,7 +18,7 @@ positions [t0, t1) is a block of rows and a single product serves all G heads.
         S = Q K^T, dP = dO V^T          float32, per query block
         P, dS = P (dP - delta) scale    C, both bf16;  delta = rowsum(P * dP) in float32 (FlashAttention's
                                         rowsum(dO * O) would carry the bf16 rounding of P and O into dP - delta,
-                                        a difference that cancels for the first queries: see attention_cpu.c)
+                                        a difference that cancels for the first queries: see attention.c)
         dQ_blk = dS_blk K               per query block
         dK_blk = dS[:, blk]^T Q, dV_blk = P[:, blk]^T dO      per key block, over the queries that see it
 
@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from model.kernels._cbuild import CKernel, plain_cpu_tensors
-from model.kernels.matmul import matmul_nt
+from model.kernels.cpu.build import CKernel, plain_cpu_tensors
+from model.kernels.cpu.matmul import matmul_nt
 
 BLOCK = 128   # query positions per block: smaller skips more of the causal triangle, larger makes fewer calls
 # The backward holds P and dS of one (sequence, KV head) whole, 2 * 2 * G * T^2 bytes (50 MB at T = 2048, G = 3);
@@ -62,7 +62,7 @@ def _open(path: Path) -> ctypes.CDLL:
     return lib
 
 
-KERNEL = CKernel(Path(__file__).with_name("attention_cpu.c"), _open, "CPU attention")
+KERNEL = CKernel(Path(__file__).with_name("attention.c"), _open, "CPU attention")
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None) -> bool:

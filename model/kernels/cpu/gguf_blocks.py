@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from model.gguf import GGML_TYPES, _f16
-from model.kernels import _cbuild
+from model.kernels.cpu import build as _cbuild
 from model.kernels._switch import current_mode
-from model.kernels.matmul import eager_only
+from model.kernels.cpu.matmul import eager_only
 
 QK = 32          # values per block
 MAX_ROWS = 8     # rows of x the kernel takes per call (gguf_blocks.c's MAX_X); more rows go to oneDNN's GEMM

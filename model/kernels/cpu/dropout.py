@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from model.kernels._cbuild import CKernel, plain_cpu_tensors
+from model.kernels.cpu.build import CKernel, plain_cpu_tensors
 
 _KINDS = {torch.float32: 0, torch.bfloat16: 1}   # the element types dropout.c reads and writes
 _MASK32 = 0xFFFFFFFF

@@ -38,33 +38,6 @@ DOT_PRECISION = "ieee"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Plain-PyTorch reference
-# ---------------------------------------------------------------------------------------------------------------
-
-def causal_window_mask(seq_len: int, sliding_window: int | None, device: torch.device | None = None) -> torch.Tensor:
-    """Boolean [T, T] mask, True where query i may see key j: i - W < j <= i (W = sliding_window, None: causal)."""
-    i = torch.arange(seq_len, device=device)[:, None]
-    j = torch.arange(seq_len, device=device)[None, :]
-    keep = j <= i
-    if sliding_window is not None:
-        keep &= j > i - sliding_window
-    return keep
-
-
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None,
-                        softmax_scale: float | None = None) -> torch.Tensor:
-    """What flash_attention computes, as a masked softmax in fp32 with the whole [T, T] score matrix."""
-    group = q.shape[1] // k.shape[1]
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    # Query head h reads KV head h // group (Mistral's repeat_kv), so repeat each KV head `group` times in a row.
-    k = k.float().repeat_interleave(group, dim=1)                           # [B, Hq, T, D]
-    v = v.float().repeat_interleave(group, dim=1)
-    scores = q.float() @ k.transpose(-1, -2) * scale                         # [B, Hq, T, T]
-    scores = scores.masked_fill(~causal_window_mask(q.shape[-2], sliding_window, q.device), float("-inf"))
-    return (scores.softmax(dim=-1) @ v).to(q.dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Which blocks each program visits
 # ---------------------------------------------------------------------------------------------------------------
 # Query block m holds positions [m * block_m, min((m + 1) * block_m, T)); key block n holds [n * block_n, ...).
@@ -332,7 +305,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_rows: int 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None,
                   block_rows: int, block_keys: int) -> None:
-    where = "model/kernels/flash_attention.py"
+    where = "model/kernels/triton/flash_attention.py"
     if triton is None:
         raise RuntimeError(f"{where}: flash_attention needs triton; use attention_reference without it")
     if not q.is_cuda and not INTERPRETING:

@@ -1,4 +1,4 @@
-/* The per-chunk step of the fused head + cross-entropy (cross_entropy.py) for bf16 logits on the CPU: per row, the
+/* The per-chunk step of the fused head + cross-entropy (chunked_loss.py) for bf16 logits on the CPU: per row, the
  * loss and, in place, the gradient of the summed loss with respect to the logits, in float32 arithmetic. Three
  * passes over a row (max, sum of exponentials, gradient) that stay in the core's cache, where eager PyTorch makes a
  * float32 copy of the [chunk, vocab] logits and walks it six times. Plain C, no Python or torch headers.

@@ -1,4 +1,4 @@
-/* The softmax half of causal attention on the CPU, for attention_cpu.py, which does the matrix products in oneDNN.
+/* The softmax half of causal attention on the CPU, for attention.py, which does the matrix products in oneDNN.
  * Plain C, no Python or torch headers; AVX-512 where the CPU has it, else scalar loops (cpu_vec.h).
  *
  * One call covers a block of query rows against keys [0, n_keys). Row r is query position t0 + r / G (the G query

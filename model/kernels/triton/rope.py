@@ -1,4 +1,4 @@
-"""Rotary position embedding (RoPE) on queries or keys: the plain-PyTorch reference and a fused Triton kernel.
+"""Rotary position embedding (RoPE) on queries or keys, as a fused Triton kernel (reference.apply_rope_reference).
 
 Mistral's convention rotates adjacent pairs: (x[2i], x[2i+1]) of every head is turned by the angle
 pos * theta^(-2i/head_dim), as if it were the complex number x[2i] + j x[2i+1] multiplied by e^(j angle):
@@ -6,26 +6,17 @@ pos * theta^(-2i/head_dim), as if it were the complex number x[2i] + j x[2i+1] m
     out[2i]   = x[2i] cos - x[2i+1] sin
     out[2i+1] = x[2i] sin + x[2i+1] cos
 
-The reference says exactly that, as Mistral's own code does: the pairs viewed as complex numbers, one complex
-product (on the CPU 7-12x faster than spelling out four real products and interleaving them again with a stack). The
-kernel reads each pair once and writes it once. A rotation's transpose is the rotation by the opposite angle, so the
-backward is the same kernel with sin negated, and nothing but the cos/sin tables (which the caller already holds) is
-kept for it.
+The reference (reference.py) says exactly that, as Mistral's own code does: the pairs viewed as complex numbers,
+one complex product (on the CPU 7-12x faster than spelling out four real products and interleaving them again with
+a stack). The kernel reads each pair once and writes it once. A rotation's transpose is the rotation by the
+opposite angle, so the backward is the same kernel with sin negated, and nothing but the cos/sin tables (which the
+caller already holds) is kept for it.
 """
 from __future__ import annotations
 
 import torch
 
 from model.kernels._switch import jit, tl, triton
-
-
-def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, Dh], cos/sin [T, Dh/2] -> x rotated. In float32 (float64 when a test asks for exact arithmetic),
-    returned in x's dtype."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))   # [B, T, H, Dh/2, 2]
-    z = torch.view_as_complex(xf.contiguous())                                       # x[2i] + j x[2i+1]
-    rotation = torch.complex(cos.to(xf.dtype), sin.to(xf.dtype))[:, None, :]         # e^(j angle) [T, 1, Dh/2]
-    return torch.view_as_real(z * rotation).flatten(-2).type_as(x)
 
 
 @jit

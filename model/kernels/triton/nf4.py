@@ -1,4 +1,4 @@
-"""NF4 on the GPU: a Triton kernel that turns packed 4-bit weights back into floats, and a frozen-weight matmul.
+"""NF4 on the GPU: a Triton kernel that turns packed 4-bit weights back into floats.
 
 Dequantisation (model/nf4.py has the format and the plain-PyTorch reference) is, per weight i of a flat tensor,
 
@@ -8,21 +8,15 @@ Dequantisation (model/nf4.py has the format and the plain-PyTorch reference) is,
 
 Both levels are fused into one pass: each program reads BLOCK weights' worth of bytes and scale codes (about 0.52
 bytes per weight) and writes BLOCK weights, so the kernel runs at the speed of writing the output. The matmul that
-follows is cuBLAS's (`matmul_nt`; oneDNN on the CPU): for training batches of thousands of tokens a fused
-dequant-matmul saves little next to the GEMM itself, and this keeps the kernel small enough to read.
-
-`frozen_linear` is the autograd wrapper. The base weight is frozen, so the backward needs only grad_x = grad_y @ W;
-the weight is dequantised again there instead of being saved, so no full-precision copy of a layer outlives its
-matmul (saving it would bring back the 14 GB that NF4 removes).
+follows is cuBLAS's (through frozen_linear.py, which dequantises again in the backward): for training batches of
+thousands of tokens a fused dequant-matmul saves little next to the GEMM itself, and this keeps the kernel small
+enough to read.
 """
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
 from model.kernels._switch import jit, tl, triton
-from model.kernels.matmul import matmul_nt
 
 # Weights per program: large enough that a program is a sizeable memory transaction on a GPU, and that the
 # interpreter (which pays ~1 ms per program on the CPU) runs the tests quickly.
@@ -60,23 +54,3 @@ def dequantize_nf4(packed: torch.Tensor, scale_codes: torch.Tensor, scale_absmax
                                  BLOCK=PROGRAM_SIZE, QBLOCK=block_size, SCALE_GROUP=scale_block_size,
                                  enable_fp_fusion=False)
     return out
-
-
-class _FrozenLinear(torch.autograd.Function):
-    """y = x @ W.T where W [out, in] is not stored but produced on demand by weight(dtype); W gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
-        ctx.weight = weight
-        return matmul_nt(x, weight(x.dtype))                    # [..., in] @ [in, out] -> [..., out]
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        return matmul_nt(grad_y, ctx.weight(grad_y.dtype).T), None   # [..., out] @ [out, in] -> [..., in]
-
-
-def frozen_linear(x: torch.Tensor, weight: Callable[[torch.dtype], torch.Tensor]) -> torch.Tensor:
-    """x [..., in] -> x @ W.T [..., out] for a frozen W = weight(x.dtype), dequantised again in the backward."""
-    return _FrozenLinear.apply(x, weight)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from model.kernels._switch import current_mode
-from model.kernels.matmul import eager_only
+from model.kernels.cpu.matmul import eager_only
 
 BUILD_FLAGS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3", "-fopenmp"], ["-O3"])
 

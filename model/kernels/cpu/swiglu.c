@@ -1,6 +1,7 @@
 /* SwiGLU's gating for bf16 tensors on the CPU, forward and backward, in float32 arithmetic: one pass each where
  * eager PyTorch takes five to eight over [tokens, hidden_dim] bf16 tensors (each converting to float32 and back).
- * For swiglu.py; plain C, no Python or torch headers. The formulas are swiglu.py's:
+ * For swiglu.py; plain C, no Python or torch headers. The formulas are
+ * model/kernels/swiglu_recompute.py's:
  *
  *   s = sigmoid(g),  out = g s u,   d up = dy g s,   d gate = dy u s (1 + g (1 - s))
  *

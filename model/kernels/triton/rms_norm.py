@@ -1,4 +1,4 @@
-"""RMSNorm, y = x / sqrt(mean(x^2) + eps) * weight: the plain-PyTorch reference and a fused Triton kernel.
+"""RMSNorm, y = x / sqrt(mean(x^2) + eps) * weight, as a fused Triton kernel (reference.rms_norm_reference).
 
 Eager PyTorch reads and writes the activations about five times (square, mean, rsqrt, two multiplies); the kernel
 reads x once and writes y once, keeping one whole row in registers. The backward kernel likewise makes one pass,
@@ -17,14 +17,6 @@ from __future__ import annotations
 import torch
 
 from model.kernels._switch import jit, tl, triton
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in float32 whatever the storage dtype (the mean of squares underflows in fp16/bf16), in float64 when
-    # a test asks for exact arithmetic. Round back to x's dtype before the weight, as Mistral's reference does.
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return y.type_as(x) * weight
 
 
 @jit

@@ -14,9 +14,9 @@ so the gradients are computed during the forward pass and the backward only scal
 (and 1 / kept tokens, which turns the summed loss into the mean). The default chunk keeps [C, V] about the size of h,
 and at least 256 tokens long.
 
-The per-chunk step (softmax, loss, gradient in place) is a Triton kernel on the Triton path, one program per token
-making two passes over the vocabulary (an online max / sum of exponentials, then the gradient); on the reference
-path the same step is written in PyTorch. ignore_index tokens contribute neither loss nor gradient; optional label
+The per-chunk step (softmax, loss, gradient in place) is a Triton kernel on the Triton path (triton/cross_entropy.py),
+a C kernel for bf16 logits on the CPU (cpu/cross_entropy.py), elsewhere reference.chunk_step_reference: this file is
+the algorithm, the same on every device. ignore_index tokens contribute neither loss nor gradient; optional label
 smoothing eps mixes in the uniform distribution as F.cross_entropy does:
 
     loss_i = (1 - eps) (lse - logits_i[target]) + eps (lse - mean_j logits_ij)
@@ -24,132 +24,10 @@ smoothing eps mixes in the uniform distribution as F.cross_entropy does:
 """
 from __future__ import annotations
 
-import ctypes
-from pathlib import Path
-
 import torch
-import torch.nn.functional as F
 
-from model.kernels._cbuild import CKernel, plain_cpu_tensors
-from model.kernels._switch import jit, tl, triton
-from model.kernels.matmul import matmul_nt
-
-
-def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                   ignore_index: int = -100, label_smoothing: float = 0.0) -> torch.Tensor:
-    # The loss in float32 whatever the storage dtype (float64 when a test asks for exact arithmetic).
-    logits = h @ weight.T                                                            # [N, V]
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
-                           ignore_index=ignore_index, label_smoothing=label_smoothing)
-
-
-def _chunk_step_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
-                          write_grad: bool) -> torch.Tensor:
-    """Per-token losses [C] (float32; 0 where ignored); with write_grad, logits [C, V] become d(sum loss)/d logits.
-
-    In place where it can be: z is the logits themselves when they are float32, and the softmax is formed in z, so
-    a chunk costs no [C, V] temporaries beyond a float32 copy of low-precision logits.
-    """
-    z = logits.float()                                                               # [C, V]
-    lse = torch.logsumexp(z, dim=-1)                                                 # [C]
-    kept = targets != ignore_index
-    safe_targets = torch.where(kept, targets, 0)[:, None]                            # [C, 1]
-    loss = lse - z.gather(1, safe_targets)[:, 0]
-    if label_smoothing:
-        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - z.mean(dim=-1))
-    if write_grad:
-        grad = z.sub_(lse[:, None]).exp_()                                           # softmax, in z's memory
-        grad.scatter_add_(1, safe_targets, torch.full_like(safe_targets, label_smoothing - 1, dtype=grad.dtype))
-        if label_smoothing:
-            grad -= label_smoothing / z.shape[1]
-        grad.mul_(kept[:, None])
-        if grad.data_ptr() != logits.data_ptr():
-            logits.copy_(grad)
-    return torch.where(kept, loss, 0.0)
-
-
-@jit
-def _chunk_step_kernel(logits_ptr, targets_ptr, loss_ptr, vocab_size, ignore_index, label_smoothing,
-                       BLOCK_V: tl.constexpr, SMOOTHING: tl.constexpr, WRITE_GRAD: tl.constexpr):
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * vocab_size
-    target = tl.load(targets_ptr + row)
-    kept = target != ignore_index
-    # Pass 1: running max m and sum d of exp(z - m) over the vocabulary, block by block (online softmax).
-    m = float("-inf")
-    d = 0.0
-    z_sum = 0.0
-    for start in range(0, vocab_size, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + cols, mask=cols < vocab_size, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
-        if SMOOTHING:
-            z_sum += tl.sum(tl.where(cols < vocab_size, z, 0.0), axis=0)
-    lse = m + tl.log(d)
-    z_target = tl.load(row_ptr + target, mask=kept, other=0.0).to(tl.float32)
-    loss = lse - z_target
-    if SMOOTHING:
-        loss = (1 - label_smoothing) * loss + label_smoothing * (lse - z_sum / vocab_size)
-    tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
-    # Pass 2: overwrite the logits with the gradient; an ignored token's row becomes zeros.
-    if WRITE_GRAD:
-        for start in range(0, vocab_size, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            mask = cols < vocab_size
-            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            grad = tl.exp(z - lse) - tl.where(cols == target, 1 - label_smoothing, 0.0)
-            if SMOOTHING:
-                grad -= label_smoothing / vocab_size
-            grad = tl.where(kept, grad, 0.0)
-            tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=mask)
-
-
-def _chunk_step_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
-                       write_grad: bool) -> torch.Tensor:
-    n_rows, vocab_size = logits.shape
-    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    block_v = min(triton.next_power_of_2(vocab_size), 16384)
-    _chunk_step_kernel[(n_rows,)](logits, targets, loss, vocab_size, ignore_index, label_smoothing,
-                                  BLOCK_V=block_v, SMOOTHING=label_smoothing > 0, WRITE_GRAD=write_grad,
-                                  num_warps=16 if block_v >= 8192 else 8)
-    return loss
-
-
-# bf16 logits on the CPU (training under autocast): cross_entropy_cpu.c does the chunk step above in two passes per
-# row for the statistics (max, sum of exponentials) and one for the gradient, in the logits' own memory, where the
-# reference makes a float32 copy and walks it six times (~0.5 s of a 6 s SmolLM2 LoRA step at micro-batch 4).
-
-def _open(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    lib.cross_entropy_chunk_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                             ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
-                                             ctypes.c_int]
-    lib.cross_entropy_chunk_bf16.restype = None
-    return lib
-
-
-KERNEL = CKernel(Path(__file__).with_name("cross_entropy_cpu.c"), _open, "cross-entropy")
-
-
-def _chunk_step_cpu(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, label_smoothing: float,
-                    write_grad: bool) -> torch.Tensor:
-    """_chunk_step_reference, through the C kernel for contiguous bf16 CPU logits (else the reference itself)."""
-    lib = KERNEL.library() if (logits.dtype == torch.bfloat16 and logits.dim() == 2 and logits.is_contiguous()
-                               and plain_cpu_tensors(logits)) else None
-    if lib is None:
-        return _chunk_step_reference(logits, targets, ignore_index, label_smoothing, write_grad)
-    n_rows, vocab_size = logits.shape
-    targets = targets.to(torch.int64).contiguous()
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
-    if bad.any():
-        raise IndexError(f"cross-entropy target {int(targets[bad][0])} is out of range for a vocabulary of "
-                         f"{vocab_size} (ignore_index {ignore_index})")
-    loss = torch.empty(n_rows, dtype=torch.float32, device="cpu")
-    lib.cross_entropy_chunk_bf16(logits.data_ptr(), n_rows, vocab_size, targets.data_ptr(), ignore_index,
-                                 label_smoothing, loss.data_ptr(), int(write_grad), torch.get_num_threads())
-    return loss
+from model.kernels.cpu.matmul import matmul_nt
+from model.kernels.triton.cross_entropy import chunk_step_triton
 
 
 MIN_CHUNK = 256   # tokens: each chunk reads the whole [V, D] weight (twice), so a chunk must be worth a read
@@ -171,7 +49,8 @@ def _chunked_loss_and_grads(terms: list[tuple[torch.Tensor, torch.Tensor]], targ
 
     The terms are already in the compute dtype. Weight gradients accumulate in float32.
     """
-    step = _chunk_step_triton if use_triton else _chunk_step_cpu
+    from model.kernels.cpu.cross_entropy import chunk_step_cpu   # at first use: the decoder's import builds no C
+    step = chunk_step_triton if use_triton else chunk_step_cpu
     n = targets.shape[0]
     losses = torch.empty(n, dtype=torch.float32, device=targets.device)
     grads: list[torch.Tensor | None] = []
