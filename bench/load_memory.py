@@ -119,8 +119,8 @@ def child(folder: Path, dtype: torch.dtype = TARGET_DTYPE, gguf_blocks: bool = T
     # Distinct tensors only (a tied head would be counted twice); a sum reads every page and copies nothing.
     tensors = {t.data_ptr(): t for t in model.state_dict().values()}
     with torch.no_grad():
-        for t in tensors.values():
-            t.sum()
+        for t in tensors.values():   # (an integer sum would copy the tensor into int64 first; max does not)
+            t.sum() if t.is_floating_point() else t.max()
     blocks = {t.data_ptr() for m in model.modules() if isinstance(m, GGUFLinear) for t in m.buffers()}
     report_to_parent({"baseline": baseline, "peak_load": peak_load, "peak_read": peak_rss(), "seconds": seconds,
                       "model_bytes": sum(t.nbytes for p, t in tensors.items() if p not in blocks),
