@@ -208,8 +208,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, PerplexityResult]]:
     texts = [t for spec in args.data for t in read_documents(spec)]
     rows = []
     for name, adapter in args.models:
-        model, tokenizer = load(name, device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize,
-                                gguf_blocks=False)   # windows of many rows: the blocks would go unused
+        model, tokenizer = load(name, device=args.device, dtype=DTYPES[args.dtype], quantize=args.quantize)
         label = str(name)
         if adapter:
             from lora import load_adapter

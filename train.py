@@ -302,8 +302,7 @@ def open_run_folder(run: Run) -> dict | None:
 def build_model(args, device: str):
     from lora import LoRAConfig, inject_lora, parameter_summary
     from model import load
-    model, tokenizer = load(args.model, device=device, dtype=DTYPES[args.dtype], quantize=args.quantize,
-                            gguf_blocks=False)   # training multiplies many rows at once: no use for them
+    model, tokenizer = load(args.model, device=device, dtype=DTYPES[args.dtype], quantize=args.quantize)
     cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                      targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
                      rslora=args.rslora)

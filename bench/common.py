@@ -145,18 +145,26 @@ def verdict(ratio: float, target: float, higher_is_better: bool = True) -> str:
     return "pass" if passed else "FAIL"
 
 
-def load_smollm2_both(dtype: torch.dtype = torch.float32, gguf_blocks: bool = True) -> tuple:
-    """(ours, our tokenizer, transformers' model): the same SmolLM2-135M GGUF, in `dtype`, on both sides.
-    gguf_blocks: ours also keeps the file's blocks for decoding (`model.load`'s default)."""
+def load_smollm2_both(dtype: torch.dtype = torch.float32) -> tuple:
+    """(ours, our tokenizer, transformers' model): the same SmolLM2-135M GGUF, in `dtype`, on both sides. Ours as
+    `model.load` gives it (float32: its linear layers hold the file's blocks, model/gguf_linear.py)."""
     import transformers
 
     from model import load
     from model.sources import resolve
     gguf = resolve("smollm2-135m")
-    ours, tokenizer = load(gguf, dtype=dtype, gguf_blocks=gguf_blocks)
+    ours, tokenizer = load(gguf, dtype=dtype)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                                 dtype=dtype).eval()
     return ours, tokenizer, theirs
+
+
+def load_float_weights(source, dtype: torch.dtype = torch.float32, **kwargs) -> tuple:
+    """Ours accelerated but with float weights alone (no GGUF blocks): the plain model, then `model.fast.apply`,
+    as theirs runs (every linear a float nn.Linear)."""
+    from model import fast, load
+    model, tokenizer = load(source, dtype=dtype, fast=False, **kwargs)
+    return fast.apply(model), tokenizer
 
 
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]

@@ -79,7 +79,7 @@ def main() -> None:
 
     import transformers
 
-    ours, tokenizer, theirs = load_smollm2_both(gguf_blocks=False)   # long windows: no decode steps
+    ours, tokenizer, theirs = load_smollm2_both()
     documents = select_documents(tokenizer, max_tokens)
     print(f"machine: {machine_summary(threads)}")
     print(f"transformers {transformers.__version__}; {len(documents)} Polish test documents, ctx {ctx}, stride "

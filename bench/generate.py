@@ -12,9 +12,10 @@ and theirs:
                       then one token at a time through the rolling KV cache), theirs `generate(do_sample=False)`
                       with min_new_tokens = max_new_tokens, so both produce exactly the same number of tokens (the
                       two token sequences are also compared: greedy decoding must agree). Ours as `model.load`
-                      gives it: float32 weights plus the GGUF's Q4_1/Q8_0 blocks, which decode steps read instead
-                      (the same weight values, float32 arithmetic; model/kernels/cpu/gguf_blocks.py). The row below it
-                      is ours with the float32 weights alone (`load(..., gguf_blocks=False)`), as theirs runs.
+                      gives it: linear layers holding the GGUF's Q4_1/Q8_0 blocks instead of float32 weights,
+                      which decode steps read (the same weight values, float32 arithmetic; model/gguf_linear.py).
+                      The row below it is ours with float32 weights alone (`bench.common.load_float_weights`), as
+                      theirs runs.
   prompt lookup       the same greedy generation, speculative: up to --draft-tokens guesses copied from earlier in
                       the text, checked in one forward pass (ours `generate(..., draft_tokens=N)`, theirs
                       `generate(..., prompt_lookup_num_tokens=N, max_matching_ngram_size=3)`); the tokens must still
@@ -35,7 +36,7 @@ import torch
 # `python bench/X.py` puts bench/ first on sys.path; the scripts import from the repo root instead (bench.common, ...).
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import (alternate, load_average, load_smollm2_both, machine_summary,  # noqa: E402
+from bench.common import (alternate, load_average, load_float_weights, load_smollm2_both, machine_summary,  # noqa: E402
                           markdown_table, median, profile_table, set_threads, verdict)
 
 GENERATE_TARGET, PREFILL_TARGET = 2.0, 1.2
@@ -74,9 +75,10 @@ def main() -> None:
     from model import generate
     from model import load
     ours, tokenizer, theirs = load_smollm2_both(getattr(torch, args.dtype))
+    from model.gguf_linear import GGUFLinear
     from model.sources import resolve
-    ours_dense, _ = load(resolve("smollm2-135m"), dtype=getattr(torch, args.dtype), gguf_blocks=False)
-    n_blocks = sum(getattr(m, "gguf_blocks", None) is not None for m in ours.modules())
+    ours_dense, _ = load_float_weights(resolve("smollm2-135m"), getattr(torch, args.dtype))
+    n_blocks = sum(isinstance(m, GGUFLinear) for m in ours.modules())
     print(f"machine: {machine_summary(threads)}")
     print(f"{args.dtype}; transformers {transformers.__version__}, "
           f"attention '{theirs.config._attn_implementation}'; "

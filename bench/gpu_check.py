@@ -673,7 +673,7 @@ def build_ours_qlora(ckpt: Path, device: str, dtype):
 
     import lora
     from model import load
-    model, _ = load(ckpt, device=device, dtype=dtype, quantize="nf4", require_tokenizer=False, gguf_blocks=False)
+    model, _ = load(ckpt, device=device, dtype=dtype, quantize="nf4", require_tokenizer=False)
     lora.inject_lora(model, lora.LoRAConfig.curie())
     for p in model.parameters():
         if p.requires_grad:
@@ -883,7 +883,7 @@ def stage_decode(rec: Recorder, work: Path, deadline: float, dry_run: bool) -> N
     dtype = compute_dtype(dry_run)
     rec.data["values"]["dtype"] = str(dtype).removeprefix("torch.")
     t0 = time.perf_counter()
-    ours, _ = load(ckpt, device=device, dtype=dtype, require_tokenizer=False, gguf_blocks=False)
+    ours, _ = load(ckpt, device=device, dtype=dtype, require_tokenizer=False)
     load_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(

@@ -85,12 +85,15 @@ def gguf_blocks_table(runs: int) -> None:
     """Decode products of the real SmolLM2 GGUF: oneDNN on the float32 weights vs the block kernel on the file's
     Q4_1 / Q8_0 blocks (model/kernels/cpu/gguf_blocks.py), the same weights; time per pass over all 211 products."""
     from model import load
+    from model.gguf_linear import GGUFLinear
     from model.kernels.cpu import gguf_blocks
     model, _ = load("smollm2-135m", require_tokenizer=False)
-    layers = [m for m in model.modules() if getattr(m, "gguf_blocks", None) is not None]
+    layers = [m for m in model.modules() if isinstance(m, GGUFLinear)]
     if not layers:
         print("\nno GGUF block kernel here (no C compiler?): nothing to compare")
         return
+    for m in layers:   # the float32 weight beside the blocks, for this comparison only
+        m.weight, m.gguf_blocks = m.dequantize(), m.blocks
     dense_mb = sum(m.weight.nbytes for m in layers) / 1e6
     blocks_mb = sum(m.gguf_blocks.nbytes() for m in layers) / 1e6
     print(f"\nSmolLM2-135M's GGUF: {len(layers)} products, float32 weights {dense_mb:.0f} MB, "

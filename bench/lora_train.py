@@ -6,7 +6,7 @@
     python bench/lora_train.py --malloc pinned --memory-only    # peak RAM nearer the live tensors (see below)
 
 Curie-7B's adapters on both sides: rank 32, alpha 64, dropout 0.05 on q, k, v, o, gate, up, down and the head.
-  ours    model.load("smollm2-135m", gguf_blocks=False) + lora.inject_lora(model, lora.LoRAConfig.curie())
+  ours    model.load("smollm2-135m") + lora.inject_lora(model, lora.LoRAConfig.curie())
   theirs  transformers' GGUF loader + peft.get_peft_model(model, LoraConfig(the same numbers and targets)),
           forward with use_cache=False (no KV cache is built while training)
 One step, as train.py does it: the same random tokens [micro_batch, 513], forward and loss under the configuration's
@@ -59,7 +59,7 @@ def build(side: str) -> tuple[torch.nn.Module, LossFn, int]:
     if side == "ours":
         import lora
         from model import load
-        model, _ = load("smollm2-135m", dtype=torch.float32, gguf_blocks=False)
+        model, _ = load("smollm2-135m", dtype=torch.float32)
         lora.inject_lora(model, lora.LoRAConfig.curie())
         return model.train(), lambda inputs, targets: model(inputs, targets=targets), model.args.vocab_size
     import transformers

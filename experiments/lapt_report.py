@@ -163,8 +163,7 @@ class Report:
             from model import load
             seconds = 0.0
             if step == 0:
-                model, tokenizer = load(MODEL, dtype=torch.float32, quantize=settings["quantize"],
-                                        gguf_blocks=False)
+                model, tokenizer = load(MODEL, dtype=torch.float32, quantize=settings["quantize"])
                 trainable = 0
             else:
                 seconds = self._train_to(settings, step)

@@ -128,8 +128,7 @@ def load_best(head: SequenceHead, folder: Path) -> None:
 def load_base(source: str | Path, device: str = "cpu", dtype: str = "float32", quantize: str | None = None):
     """-> (Transformer, tokenizer) of a checkpoint folder, .gguf or named source; quantize="nf4" holds the frozen
     base in 4-bit NormalFloat (QLoRA), quantised tensor by tensor as it loads."""
-    # load() refuses other values; GGUF blocks only speed up decoding, which classification never does
-    return load(source, device=device, dtype=DTYPES[dtype], quantize=quantize, gguf_blocks=False)
+    return load(source, device=device, dtype=DTYPES[dtype], quantize=quantize)   # load() refuses other values
 
 
 def open_run(run_dir: Path, device: str = "cpu") -> tuple[SequenceHead, object, Task, FinetuneConfig]:

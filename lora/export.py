@@ -76,14 +76,17 @@ def export_merged_hf(model: nn.Module, args: ModelArgs, folder: str | Path,
     """
     folder = Path(folder)
     layers = lora_modules(model)
+    exact = _exact_bases(model)   # layers holding a GGUF's blocks: their weights are rebuilt as their shard is written
     for name, m in layers.items():
-        if not (isinstance(m.base, nn.Linear) and m.base.weight.is_floating_point()):
+        if not (isinstance(m.base, nn.Linear) and m.base.weight.is_floating_point()) and f"{name}.base" not in exact:
             raise TypeError(f"cannot merge LoRA into {name!r}: its base is a {type(m.base).__name__}; load the "
                             "adapter onto the full-precision model and export that")
     base_of = {f"{name}.base.weight": m for name, m in layers.items()}
-    state = model.state_dict(keep_vars=True)
-    # The head is tied when it is the embedding matrix itself; an adapter on it (merged or not) unties it.
-    tied = "output" not in layers and state["output.weight"] is state["tok_embeddings.weight"]
+    state = _with_exact_weights(model.state_dict(keep_vars=True), exact)
+    # The head is tied when it is the embedding matrix itself (or holds the embeddings' own GGUF blocks); an
+    # adapter on it (merged or not) unties it.
+    tied = "output" not in layers and (state["output.weight"] is state["tok_embeddings.weight"]
+                                       or getattr(exact.get("output"), "tied_embeddings", False))
 
     # (Hugging Face name, bytes, how to make the tensor), in model order; nothing is computed yet.
     plan: list[tuple[str, int, Callable[[], torch.Tensor]]] = []
@@ -94,10 +97,11 @@ def export_merged_hf(model: nn.Module, args: ModelArgs, folder: str | Path,
         name = key.replace(".base.weight", ".weight") if lora is not None else key
         if name == "output.weight" and tied:
             continue  # Hugging Face stores a tied head once, as the embeddings
-        if not (name.endswith(".weight") and t.is_floating_point()) or t.is_meta:
+        if not (name.endswith(".weight") and t.is_floating_point()) or (t.is_meta and key[:-7] not in exact):
             raise ValueError(f"cannot export {key!r} ({t.dtype}{', meta device' if t.is_meta else ''}): only "
                              "full-precision weights can be written (load the full-precision model)")
-        plan.append((to_hf_name(name), t.numel() * t.element_size(), _merged(name, t, lora, args)))
+        plan.append((to_hf_name(name), t.numel() * t.element_size(), _merged(name, t, lora, args,
+                                                                             exact.get(key[:-len(".weight")]))))
 
     shards: list[list[tuple[str, Callable[[], torch.Tensor]]]] = [[]]
     size = 0
@@ -129,11 +133,31 @@ def export_merged_hf(model: nn.Module, args: ModelArgs, folder: str | Path,
             stale.unlink()
 
 
-def _merged(name: str, weight: torch.Tensor, lora: LoRALinear | None,
-            args: ModelArgs) -> Callable[[], torch.Tensor]:
-    """A function making our tensor `name` merged (if it has LoRA) and in Hugging Face's row layout."""
+def _exact_bases(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that hold a weight in another exact format and rebuild it on demand (GGUFLinear: `to_linear`)."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "to_linear") and hasattr(m, "dequantize")}
+
+
+def _with_exact_weights(state: dict[str, torch.Tensor], exact: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The state dict with each exact base's buffers replaced by one `<name>.weight`: a meta tensor of the weight's
+    shape and dtype (float32), which `_merged` makes real when its shard is written."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        owner = next((n for n in exact if key.startswith(f"{n}.") and "." not in key[len(n) + 1:]), None)
+        if owner is None:
+            out[key] = t
+        elif f"{owner}.weight" not in out:
+            m = exact[owner]
+            out[f"{owner}.weight"] = torch.empty(m.out_features, m.in_features, device="meta")
+    return out
+
+
+def _merged(name: str, weight: torch.Tensor, lora: LoRALinear | None, args: ModelArgs,
+            exact: nn.Module | None = None) -> Callable[[], torch.Tensor]:
+    """A function making our tensor `name` merged (if it has LoRA) and in Hugging Face's row layout; `exact`: the
+    module whose blocks rebuild the weight (`weight` is then only its meta shape)."""
     def make() -> torch.Tensor:
-        w = weight.detach()
+        w = exact.dequantize() if exact is not None else weight.detach()
         if lora is not None and not lora.merged:  # a merged layer's weight already holds its update
             w = (w.float() + lora.delta_weight()).to(w.dtype)
         return _to_hf_rows(name, w, args)

@@ -147,10 +147,13 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a tied weight counts once. A quantised layer (NF4) holds its weight in
-    buffers, not parameters: it counts as the in_features x out_features weights it stands for."""
+    """(trainable, total) parameter counts; a tied weight counts once. A quantised layer (NF4, GGUF blocks) holds its
+    weight in buffers, not parameters: it counts as the in_features x out_features weights it stands for (a head
+    holding the embeddings' blocks, once, as the embeddings)."""
+    from model.gguf_linear import GGUFLinear
     params = list(model.parameters())  # nn.Module.parameters() yields a shared tensor once
-    quantised = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+    quantised = sum(m.in_features * m.out_features for m in model.modules()
+                    if isinstance(m, NF4Linear) or (isinstance(m, GGUFLinear) and not m.tied_embeddings))
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantised
 
 

@@ -8,7 +8,8 @@ alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA (Kalajdzievski, 2023), w
 shrinking as r grows.
 
 The base may be any module with `in_features`, `out_features` and a forward (our quantised NF4 linear is wrapped
-the same way as an nn.Linear). Only an nn.Linear base can be merged in place: W <- W + scale * B @ A.
+the same way as an nn.Linear). Only an nn.Linear base can be merged in place: W <- W + scale * B @ A; a base that
+rebuilds its exact float weight (`to_linear`) becomes that nn.Linear first.
 
 This is the plain layer; training runs LeanLoRALinear (lora/lean.py), the same arithmetic with less memory, which
 `model.fast.apply` swaps in.
@@ -45,7 +46,7 @@ class LoRALinear(nn.Module):
         self.merged = False
         # While a tied head is merged, its shared weight waits here to be restored. A plain list, because nn.Module
         # would register a Parameter attribute as one of ours (it is the embeddings', saved and counted there).
-        self._set_aside: list[nn.Parameter] = []
+        self._set_aside: list[nn.Parameter | nn.Module] = []
 
         # The adapter lives where the base lives (the meta device included: the caller materialises it later), but
         # always in float32, whatever the base's storage: the optimiser updates these few weights, and bf16 would
@@ -88,6 +89,10 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight = self._linear_weight("unmerge")
+        if self._set_aside and isinstance(self._set_aside[-1], nn.Module):
+            self.base = self._set_aside.pop()   # the exact base set aside by merge
+            self.merged = False
+            return
         with torch.no_grad():
             if self.shared_weight:
                 self.base.weight = self._set_aside.pop()
@@ -96,6 +101,11 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def _linear_weight(self, action: str) -> torch.Tensor:
+        if action == "merge" and not isinstance(self.base, nn.Linear) and hasattr(self.base, "to_linear"):
+            # A frozen base in another exact format gives way to the nn.Linear of its very values, set aside (and
+            # restored on unmerge) as a tied head's weight is.
+            self._set_aside.append(self.base)
+            self.base = self.base.to_linear()
         if not (isinstance(self.base, nn.Linear) and self.base.weight.is_floating_point()):
             raise TypeError(f"cannot {action} LoRA into a {type(self.base).__name__} base: only a full-precision "
                             "nn.Linear can absorb the update; load the adapter onto the full-precision model and "

@@ -58,6 +58,8 @@ class LeanLoRALinear(LoRALinear):
         """This layer's output as a sum of products x_k @ w_k.T, [(x, W), (scale * dropout(x) A^T, B)], for a fused
         head + loss (model.kernels.linear_cross_entropy) that never builds the [tokens, vocab] output."""
         weight = getattr(self.base, "weight", None)
+        if weight is None and hasattr(self.base, "to_linear"):   # a base that rebuilds its exact weight (GGUFLinear)
+            weight = self.base.dequantize(x.dtype)                # its own tensor: the loss keeps it for the backward
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise TypeError(f"a fused head needs a full-precision weight; {type(self.base).__name__} has none")
         if self.merged:

@@ -13,7 +13,8 @@ weights, optimiser state and hooks stay as they were.
                                             low-rank path enters as an extra term
     LoRALinear         -> LeanLoRALinear    the memory-lean training variant (lora/lean.py): a seeded dropout mask
                                             rebuilt in the backward, no saved bf16 copy of a frozen float32 weight
-    (at load, GGUF)    -> GGUFBlockLinear   decode steps read the file's 4/8-bit blocks (model/gguf_linear.py)
+    (at load, GGUF)    -> GGUFLinear        holds the file's 4/8-bit blocks instead of a float32 weight: decode steps
+                                            read them, longer products dequantise per call (model/gguf_linear.py)
 
 The other hot operations (RMSNorm, RoPE, SwiGLU, attention) already go through the one kernel switch,
 `model.kernels`, which picks Triton on CUDA and C kernels for bf16 on the CPU per call; no swap is needed there.
@@ -29,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from model import kernels
+from model.gguf_linear import GGUFLinear
 from model.transformer import HeadLoss
 
 
@@ -42,8 +44,9 @@ class OneDNNLinear(nn.Linear):
 class FusedHeadLoss(HeadLoss):
     """HeadLoss without the [tokens, vocab] logits: `kernels.linear_cross_entropy` over the head's products.
 
-    The head as a sum of products x_k @ w_k.T: its weight, plus (a LeanLoRALinear head) the low-rank path. A head
-    that is neither (say a quantised one) takes the plain loss."""
+    The head as a sum of products x_k @ w_k.T: its weight, plus (a LeanLoRALinear head) the low-rank path; a
+    GGUFLinear head's weight is its blocks dequantised for the call. A head that is none of these (say an NF4 one)
+    takes the plain loss."""
 
     def forward(self, head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         rows = h.flatten(0, 1)                                         # [B*T, dim]
@@ -51,6 +54,8 @@ class FusedHeadLoss(HeadLoss):
             terms = head.logit_terms(rows)
         elif isinstance(head, nn.Linear) and head.bias is None and head.weight.is_floating_point():
             terms = [(rows, head.weight)]
+        elif isinstance(head, GGUFLinear):
+            terms = [(rows, head.dequantize(rows.dtype))]   # its own tensor: the loss keeps it for the backward
         else:
             return super().forward(head, h, targets)                   # the plain loss takes h as it came
         (h, weight), *extra = terms
@@ -82,5 +87,5 @@ def apply(model: nn.Module) -> nn.Module:
 def applied(model: nn.Module) -> bool:
     """Was `apply` called on this model (does any of its modules have a fast class)?"""
     from lora.lean import LeanLoRALinear
-    return any(isinstance(m, (OneDNNLinear, FusedHeadLoss, LeanLoRALinear)) for m in model.modules())
+    return any(isinstance(m, (OneDNNLinear, FusedHeadLoss, LeanLoRALinear, GGUFLinear)) for m in model.modules())
 

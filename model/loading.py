@@ -212,58 +212,60 @@ def build_model(args: ModelArgs, tensors: TensorStream, device="cpu", dtype=torc
     return model
 
 
-def keep_gguf_blocks(model: Transformer, g: GGUFFile) -> int:
-    """Make every float32 CPU linear layer whose GGUF tensor is Q4_0/Q4_1/Q8_0 a GGUFBlockLinear holding its blocks,
-    which decode steps read instead of the float32 weight (model/gguf_linear.py). -> bytes kept (0 where the
-    kernel cannot be built: then nothing is kept)."""
-    from model.gguf_linear import GGUFBlockLinear
+def gguf_blocks_while_loading(g: GGUFFile) -> Callable[[nn.Module, str, torch.Tensor], bool]:
+    """A `transform` for build_model: each linear weight whose GGUF tensor is Q4_0 / Q4_1 / Q8_0 becomes a GGUFLinear
+    holding the file's blocks as it is read (model/gguf_linear.py); its float32 copy is dropped at once, so the
+    model never holds both. A tied head is done after the build (`tie_gguf_head`)."""
+    from model.gguf_linear import GGUFLinear
     from model.kernels.cpu import gguf_blocks
-    layers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module.bias is not None or module.weight.dtype != torch.float32 \
-                or module.weight.is_meta or module.weight.device.type != "cpu":
-            continue
-        # A tied head is the embedding matrix: its blocks are token_embd's.
-        gguf_name = "token_embd.weight" if module.weight is model.tok_embeddings.weight \
-            else convert.to_gguf_name(f"{name}.weight")
-        t = g.tensors.get(gguf_name)
-        if t is not None and t.ggml_type in gguf_blocks.BLOCK_TYPES:
-            layers.append((module, gguf_name, t))
-    if not layers or gguf_blocks.library() is None:
-        return 0
-    for module, gguf_name, t in layers:
+
+    def transform(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
+        module_name, _, leaf = name.rpartition(".")
+        if leaf != "weight" or not isinstance(model.get_submodule(module_name), nn.Linear):
+            return False
+        gguf_name = convert.to_gguf_name(name)
+        t = g.tensors[gguf_name]
+        if t.ggml_type not in gguf_blocks.BLOCK_TYPES:
+            return False
         try:
             blocks = gguf_blocks.pack(g.raw(gguf_name), t.ggml_type, t.shape)
-            module.__class__ = GGUFBlockLinear
-            module.gguf_blocks = blocks.attach(module.weight)
         except ValueError as e:
             raise ValueError(f"{g.path}: tensor {gguf_name!r}: {e}") from None
-    return sum(module.gguf_blocks.nbytes() for module, _, _ in layers)
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), child, GGUFLinear(blocks, gguf_name))
+        return True
+    return transform
 
 
-def drop_gguf_blocks(model: nn.Module) -> None:
-    """Forget the GGUF blocks of every layer: call it before changing weights in a way their version counter does
-    not see (`w.data` writes, fused CPU optimisers), after which the blocks would no longer be the weights."""
-    for module in model.modules():
-        if getattr(module, "gguf_blocks", None) is not None:
-            module.gguf_blocks = None
+def tie_gguf_head(model: Transformer, g: GGUFFile) -> None:
+    """A head tied to the embeddings becomes a GGUFLinear holding token_embd's blocks (if it is Q4_0 / Q4_1 / Q8_0);
+    the embedding lookup keeps the float32 weight, which it needs."""
+    from model.gguf_linear import GGUFLinear
+    from model.kernels.cpu import gguf_blocks
+    t = g.tensors.get("token_embd.weight")
+    if t is None or t.ggml_type not in gguf_blocks.BLOCK_TYPES:
+        return
+    try:
+        blocks = gguf_blocks.pack(g.raw("token_embd.weight"), t.ggml_type, t.shape)
+    except ValueError as e:
+        raise ValueError(f"{g.path}: tensor 'token_embd.weight': {e}") from None
+    model.output = GGUFLinear(blocks, "token_embd.weight", tied_embeddings=True)
 
 
 def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         require_tokenizer: bool = True, quantize: str | None = None, transform=None, gguf_blocks: bool = True,
-         fast: bool | None = None):
+         require_tokenizer: bool = True, quantize: str | None = None, transform=None, fast: bool | None = None):
     """-> (Transformer in eval mode, tokenizer). `source`: a checkpoint folder, a .gguf file or a named source.
 
     quantize="nf4" holds every linear layer of the blocks in 4-bit NormalFloat, quantised tensor by tensor as it is
     read (QLoRA's base; see model/nf4.py); such a load (or any `transform`) copies the tensors it keeps, so no map
     of the checkpoint's files outlives it. With require_tokenizer=False a checkpoint without a tokenizer loads too,
-    and the tokenizer returned is None. gguf_blocks: a float32 model on the CPU loaded from a GGUF also keeps the
-    file's Q4_0/Q4_1/Q8_0 blocks of its linear layers, which decoding reads instead of the float32 weights (the same
-    values; kernels/gguf_blocks.py: 5.3x fewer bytes for 4-bit blocks, 3.6x for 8-bit; for SmolLM2 about 20% more
-    memory in all); False keeps the float32 weights alone.
+    and the tokenizer returned is None.
 
-    fast: swap the plain modules for their faster equivalents (`model.fast.apply`; the blocks above come with it).
-    None (the default) reads MINICURIE_FAST (unset: on); False gives the plain model of model/transformer.py.
+    fast: swap the plain modules for their faster equivalents (`model.fast.apply`). None (the default) reads
+    MINICURIE_FAST (unset: on); False gives the plain model of model/transformer.py. An accelerated float32 model
+    on the CPU read from a GGUF also holds each Q4_0 / Q4_1 / Q8_0 linear weight as the file's blocks instead of a
+    float32 copy (model/gguf_linear.py: the same values; decode steps read the blocks, 3.6-5.3x fewer bytes, longer
+    products dequantise per call); the embeddings stay float32 for their lookups.
     """
     if quantize is not None:
         if quantize != "nf4":
@@ -299,11 +301,22 @@ def load(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
         if require_tokenizer:
             from model.tokenizer import load_tokenizer
             tokenizer = load_tokenizer(path)
-    model = build_model(args, stream, device, dtype, transform, source=where, source_name=source_name)
     from model import fast as acceleration
-    if acceleration.enabled(fast):
+    accelerated = acceleration.enabled(fast)
+    blocks = (accelerated and path.is_file() and transform is None and dtype == torch.float32
+              and torch.device(device).type == "cpu" and _block_kernel_builds())
+    if blocks:
+        transform = gguf_blocks_while_loading(g)
+    model = build_model(args, stream, device, dtype, transform, source=where, source_name=source_name)
+    if blocks and args.tied_embeddings:
+        tie_gguf_head(model, g)
+    if accelerated:
         acceleration.apply(model)
-        if path.is_file() and gguf_blocks:
-            keep_gguf_blocks(model, g)
     return model.eval(), tokenizer
+
+
+def _block_kernel_builds() -> bool:
+    """GGUF blocks are kept where their C kernels build (else every product would dequantise in PyTorch)."""
+    from model.kernels.cpu import gguf_blocks
+    return gguf_blocks.library() is not None
 

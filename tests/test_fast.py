@@ -1,7 +1,7 @@
 """The plain model and the accelerated one (model.fast.apply, what `load` returns by default) compute the same.
 
-From one checkpoint, each twice (load(fast=False) and load()): the SmolLM2 GGUF (tied head, Q4_1/Q8_0 blocks kept
-for decoding) and a tiny Mistral in Mistral's own layout. Compared: the logits, a LoRA training step's loss and
+From one checkpoint, each twice (load(fast=False) and load()): the SmolLM2 GGUF (tied head; accelerated, its linear
+layers hold the file's Q4_1/Q8_0 blocks instead of float32 weights) and a tiny Mistral in Mistral's own layout. Compared: the logits, a LoRA training step's loss and
 gradients (dropout off, so both draw no masks; the lean LoRA's seeded masks are checked in test_lora.py), and
 greedy tokens. The two differ only in the order of float additions (oneDNN vs BLAS, the chunked loss), hence the
 tolerances. And the plain model holds nothing of the acceleration layer.
@@ -57,16 +57,27 @@ def test_plain_model_holds_no_acceleration_class_and_the_default_does(both):
     name, plain, accelerated = both
     assert acceleration_classes(plain) == set()
     assert {type(m) for m in plain.modules()} >= {nn.Linear, HeadLoss}
-    # SmolLM2's linears all have Q4_1 / Q8_0 blocks: GGUFBlockLinear (a OneDNNLinear) everywhere.
-    expected = {"FusedHeadLoss", "GGUFBlockLinear" if name == "smollm2" else "OneDNNLinear"}
+    # SmolLM2's linears all have Q4_1 / Q8_0 blocks: GGUFLinear everywhere, holding them instead of float32 weights.
+    expected = {"FusedHeadLoss", "GGUFLinear" if name == "smollm2" else "OneDNNLinear"}
     assert expected <= acceleration_classes(accelerated)
     assert not any(type(m) is nn.Linear for m in accelerated.modules())
-    # The same parameters under the same names (a swap changes classes, never state), the tie kept.
-    assert plain.state_dict().keys() == accelerated.state_dict().keys()
-    for (k, a), b in zip(plain.state_dict().items(), accelerated.state_dict().values()):
-        assert torch.equal(a, b), k
     if name == "smollm2":
-        assert accelerated.output.weight is accelerated.tok_embeddings.weight
+        # The same weights: the float tensors (embeddings, norms) under the same names, each linear's blocks the
+        # plain model's float32 weight exactly; the tied head holds the embeddings' blocks.
+        from model.gguf_linear import GGUFLinear
+        blocked = {n for n, m in accelerated.named_modules() if isinstance(m, GGUFLinear)}
+        assert blocked == {n for n, m in plain.named_modules() if isinstance(m, nn.Linear)}
+        assert accelerated.output.tied_embeddings and accelerated.output.name == "token_embd.weight"
+        plain_state = plain.state_dict()
+        for n in blocked:
+            assert torch.equal(accelerated.get_submodule(n).dequantize(), plain_state.pop(f"{n}.weight")), n
+        accelerated_state = {k: v for k, v in accelerated.state_dict().items() if v.is_floating_point()}
+    else:
+        # The same parameters under the same names (a swap changes classes, never state).
+        plain_state, accelerated_state = plain.state_dict(), accelerated.state_dict()
+    assert plain_state.keys() == accelerated_state.keys()
+    for (k, a), b in zip(plain_state.items(), accelerated_state.values()):
+        assert torch.equal(a, b), k
     # Idempotent: a second apply swaps nothing more.
     before = [type(m) for m in accelerated.modules()]
     fast.apply(accelerated)

@@ -1,17 +1,18 @@
-"""Decoding from a GGUF's own blocks (model/kernels/cpu/gguf_blocks.c): each SIMD path of the C kernel against float64
-on random blocks, packing against the dequantisers (ours and the gguf package's), when the layer uses it and when
-it must not, and whole models loaded from quantised GGUFs: the same logits and tokens as from the float32 weights.
+"""A GGUF's own blocks (model/kernels/cpu/gguf_blocks.c, model/gguf_linear.py): each SIMD path of the C kernels against
+float64 products and the gguf package's dequantiser on random blocks, the GGUFLinear layer (which product it takes,
+its input gradient, that it holds no float copy, state dicts, copies, casts), and whole models loaded from
+quantised GGUFs: the same logits, tokens, LoRA merges and exports as from the float32 weights.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import gc
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import warnings
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,11 @@ import torch
 from model.args import ModelArgs
 from model.generate import generate
 from model.gguf import GGML_TYPES, dequantize as gguf_dequantize
-from model.gguf_linear import GGUFBlockLinear as Linear
+from model import fast as acceleration
+from model.gguf_linear import GGUFLinear
 from model.kernels import use_kernels
 from model.kernels.cpu import gguf_blocks
-from model.loading import drop_gguf_blocks, load
+from model.loading import load
 from model.transformer import Transformer
 from tests.test_gguf import random_blocks
 from tests.test_loading_checks import write_gguf
@@ -83,8 +85,8 @@ def test_pack_refuses_bad_input():
     with pytest.raises(ValueError, match="expected 40 bytes, got 39"):
         gguf_blocks.pack(torch.zeros(39, dtype=torch.uint8), 3, (2, 32))
     blocks = sane_blocks(np.random.default_rng(0), "Q8_0", 4, 64)
-    with pytest.raises(ValueError, match=r"shape \(4, 64\) cannot stand for a weight of shape \(64, 4\)"):
-        blocks.attach(torch.zeros(64, 4))
+    with pytest.raises(ValueError, match=r"expected a contiguous float32 CPU tensor of shape \(4, 64\)"):
+        gguf_blocks.dequantize_into(blocks, torch.empty(64, 4))
 
 
 # ------------------------------------------------------------------------------------------------------ kernel
@@ -162,62 +164,150 @@ def test_kernel_refuses_more_rows_than_it_takes(kernel_path):
 
 # ------------------------------------------------------------------------------------- when the layer uses it
 
+def run_dequantizer(lib, blocks: gguf_blocks.Blocks, threads: int = 1) -> torch.Tensor:
+    saved = gguf_blocks.KERNEL.lib, gguf_blocks.KERNEL.tried
+    gguf_blocks.KERNEL.lib, gguf_blocks.KERNEL.tried = lib, True
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return gguf_blocks.dequantize_into(blocks, torch.full(blocks.shape, float("nan")))
+    finally:
+        torch.set_num_threads(prev)
+        gguf_blocks.KERNEL.lib, gguf_blocks.KERNEL.tried = saved
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dequantizer_equals_the_gguf_package(kernel_path, type_name, threads):
+    rng = np.random.default_rng(11 + threads)
+    n_out, k = 29, 224                                      # 7 blocks a row; fresh random bytes (any scale)
+    raw, blocks = random_packed(rng, type_name, n_out, k)
+    theirs = torch.from_numpy(gguf.quants.dequantize(raw.numpy().reshape(n_out, -1), T[type_name]).copy())
+    ours = run_dequantizer(kernel_path, blocks, threads)
+    assert torch.equal(ours, theirs)                        # every value (a Q4_0 zero may differ in sign only)
+    assert torch.equal(ours, gguf_blocks.dequantize(blocks))
+    if type_name != "Q4_0":
+        assert torch.equal(ours.view(torch.int32), gguf_blocks.dequantize(blocks).view(torch.int32))
+
+
 @needs_cc
-def test_layer_uses_blocks_only_while_they_are_its_weight():
-    blocks = sane_blocks(np.random.default_rng(1), "Q4_1", 48, 64)
-    layer = Linear(64, 48, bias=False)
-    with torch.no_grad():
-        layer.weight.copy_(gguf_blocks.dequantize(blocks))
-    layer.weight.requires_grad_(False)
-    layer.gguf_blocks = blocks.attach(layer.weight)
-    x = torch.randn(1, 64)
+def test_dequantizer_without_the_kernel_is_the_reference():
+    blocks = sane_blocks(np.random.default_rng(6), "Q4_1", 12, 64)
+    with use_kernels("reference"):
+        ref = gguf_blocks.dequantize_into(blocks, torch.empty(12, 64))
+    assert torch.equal(ref, gguf_blocks.dequantize(blocks))
 
-    def used(x) -> bool:
-        return gguf_blocks.applies(x, layer.gguf_blocks, layer.weight)
 
-    with torch.no_grad():
-        assert used(x) and used(torch.randn(2, 4, 64))
-        assert not used(torch.randn(gguf_blocks.MAX_ROWS + 1, 64))          # prefill: oneDNN's GEMM
-        assert not used(x.double()) and not used(x.bfloat16())
-        with use_kernels("reference"):
-            assert not used(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not used(x)
-    assert used(x)                                  # grad mode, but nothing requires a gradient
-    assert not used(x.clone().requires_grad_())     # training: autograd needs the dense product
-    # After an in-place change (a LoRA merge, an optimiser step, load_state_dict) the blocks are stale.
-    with torch.no_grad():
-        layer.weight.add_(1.0)
-    assert not used(x)
-    torch.testing.assert_close(layer(x), x @ layer.weight.T)
-    # New memory behind the same parameter (`p.data = ...`, `.to()`) or another tensor: stale too.
-    layer.gguf_blocks = blocks.attach(layer.weight)
-    assert used(x)
-    layer.weight.data = layer.weight.data.clone()
-    assert not used(x)
-    assert not gguf_blocks.applies(x, blocks.attach(torch.zeros(48, 64)), layer.weight)
-    layer.gguf_blocks = blocks.attach(layer.weight)
-    assert not used(torch.randn(1, 32))       # another width: F.linear's own error, not the kernel's
+# ------------------------------------------------------------------------------------------------ the layer
+
+def counting(monkeypatch) -> list:
+    """Record each call of the block kernel (x's shape)."""
+    calls = []
+    real = gguf_blocks.matmul
+    monkeypatch.setattr(gguf_blocks, "matmul", lambda x, b: calls.append(tuple(x.shape)) or real(x, b))
+    return calls
+
+
+@needs_cc
+@pytest.mark.parametrize("type_name", TYPES)
+def test_layer_forward_and_input_gradient_equal_float64(monkeypatch, type_name):
+    blocks = sane_blocks(np.random.default_rng(1), type_name, 48, 64)
+    layer = GGUFLinear(blocks, "blk.0.attn_q.weight")
+    w64 = gguf_blocks.dequantize(blocks).double()
+    calls = counting(monkeypatch)
+    for rows in (1, 2, gguf_blocks.MAX_ROWS, gguf_blocks.MAX_ROWS + 1, 40):
+        x = torch.randn(rows, 64)
+        calls.clear()
+        with torch.no_grad():
+            y = layer(x)
+        expected = x.double() @ w64.T
+        bound = 64 * 2.0 ** -24 * (x.double().abs() @ w64.abs().T) + 1e-30
+        assert y.dtype == torch.float32 and bool(((y.double() - expected).abs() <= 4 * bound).all()), rows
+        assert len(calls) == (rows <= gguf_blocks.MAX_ROWS)     # a few rows: the blocks; more: the dequantised W
+        # Training through the frozen base: dx = dy @ W, W dequantised again in the backward.
+        xg = x.clone().requires_grad_()
+        dy = torch.randn(rows, 48)
+        calls.clear()
+        (layer(xg) * dy).sum().backward()
+        assert not calls
+        torch.testing.assert_close(xg.grad.double(), dy.double() @ w64, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        layer(torch.randn(1, 32))
+        layer(torch.randn(1, 32))             # another width: F.linear's own error, not the kernel's
+
+
+@needs_cc
+def test_layer_holds_the_blocks_and_no_float_copy():
+    blocks = sane_blocks(np.random.default_rng(2), "Q4_1", 96, 64)
+    layer = GGUFLinear(blocks)
+    assert list(layer.parameters()) == []                   # nothing to train, nothing for an optimiser
+    assert {n: (b.dtype, tuple(b.shape)) for n, b in layer.named_buffers()} == {
+        "codes": (torch.uint8, (96, 32)), "d": (torch.int32, (96, 2)), "m": (torch.int32, (96, 2))}
+    assert sum(b.nbytes for b in layer.buffers()) == blocks.nbytes() < 96 * 64 * 4 / 5
+    # A product of many rows leaves no float W with the layer (the buffer it used is shared by its shape).
+    with torch.no_grad():
+        layer(torch.randn(20, 64))
+    assert list(layer.parameters()) == [] and len(list(layer.buffers())) == 3
+
+
+@needs_cc
+def test_reference_mode_autocast_and_other_dtypes_take_the_dequantised_weight(monkeypatch):
+    blocks = sane_blocks(np.random.default_rng(3), "Q8_0", 16, 32)
+    layer = GGUFLinear(blocks)
+    w = gguf_blocks.dequantize(blocks)
+    x = torch.randn(1, 32)
+    calls = counting(monkeypatch)
+    with torch.no_grad():
+        with use_kernels("reference"):
+            torch.testing.assert_close(layer(x), x @ w.T)
+        y = layer(x.double())
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, x.double() @ w.double().T, rtol=1e-6, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+    assert not calls
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 1
 
 
 @needs_cc
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")   # inside torch.func
-def test_forward_ad_and_torch_func_take_the_dense_product():
+def test_forward_ad_and_torch_func_take_the_dequantised_weight():
     from torch.autograd import forward_ad
     blocks = sane_blocks(np.random.default_rng(2), "Q8_0", 16, 32)
-    layer = Linear(32, 16, bias=False).requires_grad_(False)
-    with torch.no_grad():
-        layer.weight.copy_(gguf_blocks.dequantize(blocks))
-    layer.gguf_blocks = blocks.attach(layer.weight)
+    layer = GGUFLinear(blocks)
+    w = gguf_blocks.dequantize(blocks)
     x, t = torch.randn(1, 32), torch.randn(1, 32)
     with forward_ad.dual_level():
         tangent = forward_ad.unpack_dual(layer(forward_ad.make_dual(x, t))).tangent
-    torch.testing.assert_close(tangent, t @ layer.weight.T)     # the kernel would have dropped it
+    torch.testing.assert_close(tangent, t @ w.T)     # the kernel would have dropped it
     _, jvp = torch.func.jvp(layer, (x,), (t,))
-    torch.testing.assert_close(jvp, t @ layer.weight.T)
-    torch.testing.assert_close(torch.func.vmap(layer)(x), x @ layer.weight.T)
+    torch.testing.assert_close(jvp, t @ w.T)
+    torch.testing.assert_close(torch.func.vmap(layer)(x), x @ w.T)
+
+
+@needs_cc
+def test_layer_survives_state_dicts_copies_and_casts():
+    blocks = sane_blocks(np.random.default_rng(4), "Q4_0", 24, 64)
+    layer = GGUFLinear(blocks)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = layer(x)
+        other = GGUFLinear(sane_blocks(np.random.default_rng(5), "Q4_0", 24, 64))
+        other.load_state_dict(layer.state_dict())
+        assert torch.equal(other(x), expected)
+        for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert torch.equal(twin(x), expected)
+        # .to(bfloat16) casts floating buffers: the scales are kept as int32 bits, so the weights stay exact
+        # and the products run in bf16.
+        layer.to(torch.bfloat16)
+        assert torch.equal(layer.dequantize(), gguf_blocks.dequantize(blocks))
+        y = layer(x.bfloat16())
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=5e-2)
+    linear = layer.to_linear()    # the float32 nn.Linear of the very values (what merging and export take)
+    assert isinstance(linear, torch.nn.Linear) and not linear.weight.requires_grad
+    assert torch.equal(linear.weight, gguf_blocks.dequantize(blocks))
 
 
 @needs_cc
@@ -233,87 +323,6 @@ def test_kernel_output_is_float32_whatever_the_default_dtype():
         torch.set_default_dtype(previous)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, expected)
-
-
-def blocks_in(model) -> int:
-    return sum(getattr(m, "gguf_blocks", None) is not None for m in model.modules())
-
-
-@needs_cc
-def test_moving_replacing_or_writing_the_weight_drops_the_blocks(tmp_path):
-    model, _ = load(quantised_gguf(tmp_path / "tiny.gguf", tied=True), require_tokenizer=False)
-    all_layers = 7 * model.args.n_layers + 1
-    assert blocks_in(model) == all_layers
-    model.float()                       # already float32: nothing changes, the blocks stay
-    assert blocks_in(model) == all_layers
-    layer = model.layers[0].attention.wq
-    old = layer.weight
-    layer.weight = torch.nn.Parameter(old.detach().clone())    # a new tensor: its blocks go, and free the old one
-    assert layer.gguf_blocks is None
-    ref = weakref.ref(old)
-    del old
-    gc.collect()
-    assert ref() is None
-    # Written in place (a copying load_state_dict): the next product takes the weight, and the blocks are freed.
-    other = model.layers[1].feed_forward.w2
-    with torch.no_grad():
-        other.load_state_dict({"weight": other.weight * 2})
-        x = torch.randn(1, other.in_features)
-        torch.testing.assert_close(other(x), x @ other.weight.T)
-    assert other.gguf_blocks is None
-    model.half().float()               # the values are rounded; the memory may even be reused: blocks dropped
-    assert blocks_in(model) == 0
-    model2, _ = load(quantised_gguf(tmp_path / "tiny2.gguf", tied=False), require_tokenizer=False)
-    drop_gguf_blocks(model2)
-    assert blocks_in(model2) == 0
-
-
-@needs_cc
-def test_copies_and_pickled_models_keep_working_blocks(tmp_path, monkeypatch):
-    import copy
-    import pickle
-    from multiprocessing.reduction import ForkingPickler   # how a model reaches a spawned worker
-
-    import torch.multiprocessing as _reducers  # noqa: F401  (registers the tensor reducers: shared memory)
-    model, _ = load(quantised_gguf(tmp_path / "tiny.gguf", tied=True), require_tokenizer=False)
-    tokens = torch.randint(0, 256, (1, 1))
-    with torch.no_grad():
-        expected = model(tokens)
-    calls = []
-    real = gguf_blocks.matmul
-    monkeypatch.setattr(gguf_blocks, "matmul", lambda x, b: calls.append(1) or real(x, b))
-    for name, twin in {"deepcopy": copy.deepcopy(model), "pickle": pickle.loads(pickle.dumps(model))}.items():
-        calls.clear()
-        for module in twin.modules():   # each copy's blocks stand for the copy's own weights
-            if getattr(module, "gguf_blocks", None) is not None:
-                assert module.gguf_blocks.weight is module.weight, name
-        with torch.no_grad():
-            torch.testing.assert_close(twin(tokens), expected, rtol=1e-6, atol=1e-6)
-        assert len(calls) == 7 * model.args.n_layers + 1, name
-    # On its way to another process the weights move to shared memory (new addresses, same values), which the
-    # blocks cannot tell from a `p.data = ...` swap: that copy, and the original, fall back to the float32 weights.
-    twin = pickle.loads(ForkingPickler.dumps(model))
-    with torch.no_grad():
-        torch.testing.assert_close(twin(tokens), expected, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model(tokens), expected, rtol=1e-5, atol=1e-5)
-    assert blocks_in(twin) == 0 and blocks_in(model) == 0
-
-
-@needs_cc
-def test_swapping_parameters_on_conversion_still_works(tmp_path):
-    model, _ = load(quantised_gguf(tmp_path / "tiny.gguf", tied=False), require_tokenizer=False)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    torch.__future__.set_swap_module_params_on_conversion(True)
-    try:
-        model.load_state_dict(state)
-        model.to(torch.float32)
-        model.load_state_dict(state, assign=True)
-    finally:
-        torch.__future__.set_swap_module_params_on_conversion(False)
-    tokens = torch.randint(0, 256, (1, 3))
-    dense, _ = load(quantised_gguf(tmp_path / "tiny.gguf", tied=False), require_tokenizer=False, gguf_blocks=False)
-    with torch.no_grad():
-        torch.testing.assert_close(model(tokens), dense(tokens), rtol=1e-5, atol=1e-5)
 
 
 @needs_cc
@@ -364,22 +373,35 @@ def quantised_gguf(path: Path, tied: bool, seed: int = 0) -> Path:
     return write_gguf(path, model, drop=("output.weight",) if tied else (), quant=quant)
 
 
+def float_weights(path: Path):
+    """The same GGUF with float32 weights alone: the plain model, accelerated (every linear a float nn.Linear)."""
+    model, _ = load(path, require_tokenizer=False, fast=False)
+    return acceleration.apply(model)
+
+
+def gguf_layers(model) -> dict[str, GGUFLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, GGUFLinear)}
+
+
 @needs_cc
 @pytest.mark.parametrize("tied", [True, False])
 def test_model_decodes_from_blocks_like_from_float32_weights(tmp_path, monkeypatch, tied):
     path = quantised_gguf(tmp_path / "tiny.gguf", tied)
     fast, _ = load(path, require_tokenizer=False)
-    dense, _ = load(path, require_tokenizer=False, gguf_blocks=False)
-    kept = {n: m.gguf_blocks for n, m in fast.named_modules() if getattr(m, "gguf_blocks", None) is not None}
-    assert len(kept) == 7 * fast.args.n_layers + 1 and "output" in kept
-    assert not any(getattr(m, "gguf_blocks", None) is not None for m in dense.modules())
+    dense = float_weights(path)
+    kept = gguf_layers(fast)
+    assert len(kept) == 7 * fast.args.n_layers + 1 and "output" in kept and not gguf_layers(dense)
     assert kept["output"].bits == 8 and kept["layers.0.attention.wq"].bits == 4
-    for name, blocks in kept.items():   # each kept block set is exactly the weight the layer holds
-        assert torch.equal(gguf_blocks.dequantize(blocks), fast.get_submodule(name).weight)
+    assert kept["output"].tied_embeddings == tied
+    for name, layer in kept.items():   # each layer's blocks are exactly the float32 weight of the other model
+        assert torch.equal(layer.dequantize(), dense.get_submodule(name).weight)
+    # No float copy of a blocked weight: the model's float tensors are the embeddings and the norms.
+    floats = {n for n, t in fast.state_dict().items() if t.is_floating_point()}
+    assert floats == {n for n in dense.state_dict() if n.startswith("tok_embeddings") or n.endswith("norm.weight")}
+    if tied:
+        assert torch.equal(fast.tok_embeddings.weight, dense.tok_embeddings.weight)
 
-    calls = []
-    real = gguf_blocks.matmul
-    monkeypatch.setattr(gguf_blocks, "matmul", lambda x, b: calls.append(x.shape) or real(x, b))
+    calls = counting(monkeypatch)
     prompt = torch.randint(0, fast.args.vocab_size, (1, 11))
     with torch.no_grad():
         caches = fast.make_cache(1, 64), dense.make_cache(1, 64)
@@ -389,6 +411,10 @@ def test_model_decodes_from_blocks_like_from_float32_weights(tmp_path, monkeypat
             nxt = a.argmax(-1, keepdim=True)
             a, b = fast(nxt, caches[0])[:, -1], dense(nxt, caches[1])[:, -1]
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # All positions' logits (a forward of 11 rows: every product from the dequantised weights) and the loss.
+        torch.testing.assert_close(fast(prompt), dense(prompt), rtol=1e-5, atol=1e-5)
+        targets = torch.randint(0, fast.args.vocab_size, (1, 11))
+        torch.testing.assert_close(fast(prompt, targets=targets), dense(prompt, targets=targets))
     # Every product of the prompt's chunks (of the window, 5 tokens: at most MAX_ROWS rows) and decode steps.
     n_chunks = -(-prompt.shape[1] // fast.args.sliding_window)
     assert len(calls) == (n_chunks + 8) * (7 * fast.args.n_layers + 1)
@@ -398,20 +424,51 @@ def test_model_decodes_from_blocks_like_from_float32_weights(tmp_path, monkeypat
     text = [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6, 1, 2, 3]
     assert list(generate(fast, text, 10, draft_tokens=3)) == list(generate(dense, text, 10))
     assert any(shape[-2] > 1 for shape in calls if len(shape) > 1)
+    # A whole model's state dict saves and loads back (the blocks as buffers), and the model copies.
+    again, _ = load(path, require_tokenizer=False)
+    again.load_state_dict(fast.state_dict())
+    twin = copy.deepcopy(fast)
+    with torch.no_grad():
+        assert torch.equal(again(prompt), fast(prompt)) and torch.equal(twin(prompt), fast(prompt))
 
 
-@needs_cc
-def test_merged_lora_is_not_hidden_by_stale_blocks(tmp_path):
-    from lora import LoRAConfig, inject_lora, merge_lora, unmerge_lora
-    path = quantised_gguf(tmp_path / "tiny.gguf", tied=True)
-    fast, _ = load(path, require_tokenizer=False)
-    dense, _ = load(path, require_tokenizer=False, gguf_blocks=False)
-    for model in (fast, dense):
+def lora_pair(path: Path, targets=("wq", "wv", "w2", "output"), dropout: float = 0.0):
+    """(GGUF-block model, float32-weights model) with the same adapters, B non-zero."""
+    from lora import LoRAConfig, inject_lora
+    pair = load(path, require_tokenizer=False)[0], float_weights(path)
+    for model in pair:
         torch.manual_seed(7)     # the same A and B in both
-        inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0))
+        inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=dropout, targets=targets))
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.5)     # B = 0 would make merging a no-op
+    return pair
+
+
+@needs_cc
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_lora_step_over_blocks_equals_the_float32_base(tmp_path, tied):
+    from lora import count_parameters
+    pair = lora_pair(quantised_gguf(tmp_path / "tiny.gguf", tied))
+    assert count_parameters(pair[0]) == count_parameters(pair[1])   # blocks count as the weights they stand for
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in pair:
+        model.train()
+        loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, ga), (loss_b, gb) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    assert ga.keys() == gb.keys() and any("output" in n for n in ga)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-4, atol=1e-5 * gb[n].abs().max().item(), msg=n)
+
+
+@needs_cc
+def test_merging_lora_over_blocks_is_the_float32_merge_and_unmerges_exactly(tmp_path):
+    from lora import merge_lora, unmerge_lora
+    fast, dense = lora_pair(quantised_gguf(tmp_path / "tiny.gguf", tied=True))
     tokens = torch.randint(0, 256, (1, 9))
 
     def last_logits(model):
@@ -423,11 +480,37 @@ def test_merged_lora_is_not_hidden_by_stale_blocks(tmp_path):
     before = last_logits(fast)
     torch.testing.assert_close(before, last_logits(dense), rtol=1e-5, atol=1e-5)    # unmerged: base + LoRA
     merge_lora(fast), merge_lora(dense)
+    # Merged: each base became the float32 nn.Linear of its blocks, plus the update: dense's merged weights.
+    for name, m in fast.named_modules():
+        if hasattr(m, "lora_A"):
+            assert torch.equal(m.base.weight, dense.get_submodule(name).base.weight), name
     merged = last_logits(fast)
-    torch.testing.assert_close(merged, last_logits(dense), rtol=1e-5, atol=1e-5)   # merged weights, not the blocks
+    torch.testing.assert_close(merged, last_logits(dense), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged, before, rtol=1e-4, atol=1e-4)
-    unmerge_lora(fast)
-    torch.testing.assert_close(last_logits(fast), before, rtol=1e-4, atol=1e-4)
+    unmerge_lora(fast)   # the blocks come back as they were
+    assert isinstance(fast.layers[0].attention.wq.base, GGUFLinear)
+    assert torch.equal(last_logits(fast), before)
+
+
+@needs_cc
+@pytest.mark.parametrize("targets", [("wq", "wv", "w2"), ("wq", "w2", "output")])
+def test_merged_export_over_blocks_equals_the_float32_export(tmp_path, targets):
+    from lora.export import export_merged_hf
+    from model.safetensors import SafeTensorsFile
+    fast, dense = lora_pair(quantised_gguf(tmp_path / "tiny.gguf", tied=True), targets)
+    for model, name in ((fast, "fast"), (dense, "dense")):
+        export_merged_hf(model, model.args, tmp_path / name)
+    files = [sorted((tmp_path / n).glob("*.safetensors")) for n in ("fast", "dense")]
+    assert [f.name for f in files[0]] == [f.name for f in files[1]]
+    for a, b in zip(*files):
+        with SafeTensorsFile(a) as x, SafeTensorsFile(b) as y:
+            assert sorted(x.keys()) == sorted(y.keys())
+            # A head without an adapter is the embeddings, written once (tied), as from the float32 model.
+            assert ("lm_head.weight" in x.keys()) == ("output" in targets)
+            for k in x.keys():
+                assert torch.equal(x.get_tensor(k), y.get_tensor(k)), k
+    for n in ("config.json", "model.safetensors.index.json"):
+        assert (tmp_path / "fast" / n).read_text() == (tmp_path / "dense" / n).read_text()
 
 
 def test_without_a_compiler_the_model_loads_float32_only(tmp_path, monkeypatch):
@@ -441,20 +524,20 @@ def test_without_a_compiler_the_model_loads_float32_only(tmp_path, monkeypatch):
         model, _ = load(path, require_tokenizer=False)
     assert any("GGUF block kernel unavailable" in str(w.message) and "no-such-compiler" in str(w.message)
                for w in caught)
-    assert not any(getattr(m, "gguf_blocks", None) is not None for m in model.modules())
-    dense, _ = load(path, require_tokenizer=False, gguf_blocks=False)
+    assert not gguf_layers(model)
+    dense = float_weights(path)
     tokens = torch.randint(0, 256, (1, 6))
     with torch.no_grad():
         assert torch.equal(model(tokens), dense(tokens))
 
 
-def test_only_float32_linear_layers_keep_blocks(tmp_path):
+def test_only_accelerated_float32_cpu_models_hold_blocks(tmp_path):
     path = quantised_gguf(tmp_path / "tiny.gguf", tied=False)
-    model, _ = load(path, require_tokenizer=False, dtype=torch.bfloat16)
-    assert not any(getattr(m, "gguf_blocks", None) is not None for m in model.modules())
-    # NF4 replaces the blocks' linear layers; the head stays a float32 Linear and keeps its Q8_0 blocks.
+    assert not gguf_layers(load(path, require_tokenizer=False, dtype=torch.bfloat16)[0])
+    assert not gguf_layers(load(path, require_tokenizer=False, fast=False)[0])      # the plain model
+    # NF4 replaces the blocks' linear layers (quantised from the float32 weights); the head stays float32.
     model, _ = load(path, require_tokenizer=False, quantize="nf4")
-    assert [n for n, m in model.named_modules() if getattr(m, "gguf_blocks", None) is not None] == ["output"]
+    assert not gguf_layers(model) and type(model.output).__name__ == "OneDNNLinear"
 
 
 def test_block_types_are_ggml_types():

@@ -34,7 +34,8 @@ def hf_folder(smollm2_hf_model, smollm2_hf_tokenizer, tmp_path_factory):
     folder = tmp_path_factory.mktemp("smollm2-hf")
     tok, gguf_model = smollm2_hf_tokenizer, smollm2_hf_model   # shared with other modules: left unchanged
     config = copy.deepcopy(gguf_model.config)
-    del config.quantization_config           # a model "quantised with gguf" refuses save_pretrained
+    if hasattr(config, "quantization_config"):   # a model "quantised with gguf" refuses save_pretrained
+        del config.quantization_config           # (the session's oracle is read back from a plain copy: none)
     plain = type(gguf_model)(config)
     plain.load_state_dict(gguf_model.state_dict())
     plain.to(torch.bfloat16).save_pretrained(folder)

@@ -1,6 +1,8 @@
 /* y = x @ W.T with W kept in GGUF's 32-value blocks: the float32 products of a decode step, reading 6 bits per
- * weight (4-bit codes and two float32 numbers a block) or 9 (8-bit codes and one) instead of 32. Built and loaded by gguf_blocks.py (plain C, no Python or torch headers); the PyTorch
- * reference it is tested against is `gguf_blocks.reference_matmul`.
+ * weight (4-bit codes and two float32 numbers a block) or 9 (8-bit codes and one) instead of 32; and W itself,
+ * dequantised into a caller's buffer, for the products of many rows. Built and loaded by gguf_blocks.py (plain C,
+ * no Python or torch headers); the PyTorch references it is tested against are `gguf_blocks.reference_matmul`
+ * and `gguf_blocks.dequantize`.
  *
  * Layout (gguf_blocks.py packs it from the file's blocks; block b of row n holds W[n, 32b .. 32b+31]):
  *   4-bit (Q4_0, Q4_1)  codes uint8 [N, K/2]: byte j of a block holds value j (low nibble) and j+16 (high nibble),
@@ -20,14 +22,16 @@
 #define QK 32      /* values per block */
 #define MAX_X 8    /* x rows per call: a decode step has 1, a speculative step a few */
 
-/* Per instruction set: a vector type `vec` of QK / NV lanes, its load / multiply-add / sum, and how one block's 32
- * weights are rebuilt into NV vectors (values in order: vector v holds values v*QK/NV .. (v+1)*QK/NV - 1). */
+/* Per instruction set: a vector type `vec` of QK / NV lanes, its load / store / multiply-add / sum, and how one
+ * block's 32 weights are rebuilt into NV vectors (values in order: vector v holds values v*QK/NV ..
+ * (v+1)*QK/NV - 1). */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 typedef __m512 vec;
 #define NV 2
 #define VZERO() _mm512_setzero_ps()
 #define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps(p, v)
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm512_add_ps(a, b)
 #define VSUM(v) _mm512_reduce_add_ps(v)
@@ -53,6 +57,7 @@ typedef __m256 vec;
 #define NV 4
 #define VZERO() _mm256_setzero_ps()
 #define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, v) _mm256_storeu_ps(p, v)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm256_add_ps(a, b)
 
@@ -88,6 +93,7 @@ typedef float vec;
 #define NV QK
 #define VZERO() 0.0f
 #define VLOAD(p) (*(p))
+#define VSTORE(p, v) (*(p) = (v))
 #define VFMA(a, b, c) ((a) * (b) + (c))
 #define VADD(a, b) ((a) + (b))
 #define VSUM(v) (v)
@@ -179,4 +185,37 @@ int gguf_blocks_matmul_q8(const int8_t *codes, const float *d, const float *x, f
     (void)n_threads;
     EACH_ROW_COUNT(ROWS_Q8)
     return -1;
+}
+
+/* W = the blocks dequantised, float32 [n_out, k] (row-major): what a product of many rows (prefill, scoring,
+ * training) multiplies by, written into a buffer the caller reuses. The same float32 arithmetic as the tests'
+ * references (d * code + m: the product is exact, so FMA or not, the one rounding is the same). */
+int gguf_blocks_dequantize_q4(const uint8_t *codes, const float *d, const float *m, float *w,
+                              int64_t n_out, int64_t k, int n_threads)
+{
+    (void)n_threads;
+    if (k % QK) return -1;
+    #pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t n = 0; n < n_out; n++)
+        for (int64_t b = 0; b < k / QK; b++) {
+            vec v[NV];
+            block_q4(codes + n * (k / 2) + b * (QK / 2), d[n * (k / QK) + b], m[n * (k / QK) + b], v);
+            for (int j = 0; j < NV; j++) VSTORE(w + n * k + b * QK + j * (QK / NV), v[j]);
+        }
+    return 0;
+}
+
+int gguf_blocks_dequantize_q8(const int8_t *codes, const float *d, float *w, int64_t n_out, int64_t k,
+                              int n_threads)
+{
+    (void)n_threads;
+    if (k % QK) return -1;
+    #pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t n = 0; n < n_out; n++)
+        for (int64_t b = 0; b < k / QK; b++) {
+            vec v[NV];
+            block_q8(codes + n * k + b * QK, d[n * (k / QK) + b], v);
+            for (int j = 0; j < NV; j++) VSTORE(w + n * k + b * QK + j * (QK / NV), v[j]);
+        }
+    return 0;
 }
