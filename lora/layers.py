@@ -73,6 +73,11 @@ class LoRALinear(nn.Module):
         """W <- W + scale * B @ A (float32 arithmetic, stored back in W's dtype); the forward then skips the update."""
         if self.merged:
             return
+        if not isinstance(self.base, nn.Linear) and hasattr(self.base, "to_linear"):
+            # A frozen base in another exact format gives way to the nn.Linear of its very values, set aside (and
+            # restored on unmerge) as a tied head's weight is.
+            self._set_aside.append(self.base)
+            self.base = self.base.to_linear()
         weight = self._linear_weight("merge")
         merged = (weight.float() + self.delta_weight()).to(weight.dtype)
         with torch.no_grad():
@@ -88,11 +93,11 @@ class LoRALinear(nn.Module):
         """W <- W - scale * B @ A, undoing `merge` (up to float rounding; exactly for a tied head)."""
         if not self.merged:
             return
-        weight = self._linear_weight("unmerge")
         if self._set_aside and isinstance(self._set_aside[-1], nn.Module):
             self.base = self._set_aside.pop()   # the exact base set aside by merge
             self.merged = False
             return
+        weight = self._linear_weight("unmerge")
         with torch.no_grad():
             if self.shared_weight:
                 self.base.weight = self._set_aside.pop()
@@ -101,11 +106,6 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def _linear_weight(self, action: str) -> torch.Tensor:
-        if action == "merge" and not isinstance(self.base, nn.Linear) and hasattr(self.base, "to_linear"):
-            # A frozen base in another exact format gives way to the nn.Linear of its very values, set aside (and
-            # restored on unmerge) as a tied head's weight is.
-            self._set_aside.append(self.base)
-            self.base = self.base.to_linear()
         if not (isinstance(self.base, nn.Linear) and self.base.weight.is_floating_point()):
             raise TypeError(f"cannot {action} LoRA into a {type(self.base).__name__} base: only a full-precision "
                             "nn.Linear can absorb the update; load the adapter onto the full-precision model and "

@@ -49,11 +49,10 @@ class GGUFLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W [out_features, in_features] in `dtype`, a tensor of its own (the file's float32 values)."""
-        w = torch.empty(self.out_features, self.in_features, device=self.codes.device)
-        if w.device.type == "cpu":
-            block_kernel.dequantize_into(self.blocks, w)
-        else:
-            w = block_kernel.dequantize(self.blocks)
+        if self.codes.device.type != "cpu":
+            return block_kernel.dequantize(self.blocks).to(dtype)
+        w = torch.empty(self.out_features, self.in_features)
+        block_kernel.dequantize_into(self.blocks, w)
         return w.to(dtype)
 
     def to_linear(self) -> nn.Linear:
