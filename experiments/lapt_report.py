@@ -63,7 +63,7 @@ class Mode:
     name: str
     steps: int                  # the curve's last point; its cosine schedule spans these steps
     points: tuple[int, ...]     # steps at which the curve is evaluated (0: the base model)
-    nf4_points: tuple[int, ...]  # the two budgets of the NF4 comparison
+    nf4_points: tuple[int, ...]  # the budgets of the NF4 comparison (two; the toy's one is enough to test the machinery)
     rank_point: int             # the budget of the rank comparison
     ranks: tuple[int, ...] = (8, 32, 128)
     seq_len: int = 256
@@ -74,6 +74,7 @@ class Mode:
     eval_tokens: int = 12000    # tokens scored per evaluation set
     eval_ctx: int = 512
     eval_stride: int = 256
+    eval_chars: int | None = None  # toy only: each set is its first document, cut at a space near this many characters
     seeds: tuple[int, ...] = (0, 1, 2)
     ft_epochs: int | None = None   # None: the demo's (klej/demo.py's TASK.epochs)
     ft_train_per_class: int | None = None  # None: the task's 60 per class
@@ -96,11 +97,13 @@ MODES = {
                   micro_batch=4, grad_accum=1, warmup=2, eval_tokens=800, eval_ctx=256, eval_stride=128, seeds=(0,),
                   ft_epochs=1),
     # toy: the test's run. Its 24 perplexity evaluations (8 points x 3 sets) and the fine-tunings' dev evaluations
-    # were most of its time: it scores one 128-token window per set (overlapping windows are tested in
-    # tests/test_eval_ppl.py) and a dev set of 3 examples per class.
-    "toy": Mode("toy", steps=4, points=(0, 2, 4), nf4_points=(2, 4), rank_point=2, seq_len=64, micro_batch=2,
-                grad_accum=1, warmup=1, eval_tokens=128, eval_ctx=128, eval_stride=128, seeds=(0,), ft_epochs=1,
-                ft_train_per_class=4, ft_test_examples=30, ft_dev_per_class=3, train_documents=300, bootstrap=200),
+    # were most of its time: it scores one window of at most 128 tokens per set, the first 300 characters of the set's
+    # first document (whole documents alone would score the first one whole, up to 600 tokens; overlapping windows
+    # are tested in tests/test_eval_ppl.py), and a dev set of 3 examples per class.
+    "toy": Mode("toy", steps=4, points=(0, 2, 4), nf4_points=(2,), rank_point=2, seq_len=64, micro_batch=2,
+                grad_accum=1, warmup=1, eval_tokens=128, eval_ctx=128, eval_stride=128, eval_chars=300, seeds=(0,),
+                ft_epochs=1, ft_train_per_class=4, ft_test_examples=30, ft_dev_per_class=3, train_documents=300,
+                bootstrap=200),
 }
 
 
@@ -116,9 +119,13 @@ class Report:
         self.set_files = {name: paths[name] for name in SETS}
         from data.documents import read_documents
         self.texts = {name: read_documents(path) for name, path in self.set_files.items()}
+        if mode.eval_chars:  # the text itself is cut, so tokens and bytes still describe the same text
+            self.texts = {name: [first_words(texts[0], mode.eval_chars)] for name, texts in self.texts.items()}
         self.eval_settings = {"version": MEASURE_VERSION, "ctx": mode.eval_ctx, "stride": mode.eval_stride,
                               "max_tokens": mode.eval_tokens,
-                              "sets": {name: file_digest(p) for name, p in self.set_files.items()}}
+                              "sets": {name: file_digest(p) for name, p in self.set_files.items()},
+                              # (only where set: the cached runs of the other modes keep their keys)
+                              **({"chars": mode.eval_chars} if mode.eval_chars else {})}
 
     # ------------------------------------------------------------------------------------------------- LAPT
 
@@ -270,6 +277,14 @@ class Report:
         return {"curve": curve, "downstream": downstream, "nf4": nf4, "ranks": ranks}
 
 
+def first_words(text: str, chars: int) -> str:
+    """The start of `text`, cut at the last space within its first `chars` characters (all of it if shorter)."""
+    if len(text) <= chars:
+        return text
+    cut = text.rfind(" ", 0, chars + 1)
+    return text[:cut if cut > 0 else chars]
+
+
 # ------------------------------------------------------------------------------------------------- statistics
 
 def bootstrap_accuracy(correct: np.ndarray, n: int, seed: int = 0) -> tuple[float, float]:
@@ -368,7 +383,7 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
     if mode.name != "full":
         w(f"**This is the `--{mode.name}` page**: the curve stops at {mode.steps} steps ({mode.steps * tps:,} "
           f"tokens, {mode.steps * tps / (60 * 2048):.0%} of the default `train.py` run's 60 x 2048), perplexity is "
-          f"scored on {mode.eval_tokens:,} tokens per set, and the downstream task uses {len(mode.seeds)} seed(s) "
+          f"scored on {'at most ' if mode.eval_chars else ''}{mode.eval_tokens:,} tokens per set, and the downstream task uses {len(mode.seeds)} seed(s) "
           f"and {mode.ft_epochs or DEMO_TASK.epochs} epoch(s). "
           f"`python -m experiments.lapt_report` (without `--{mode.name}`) runs the full page: the curve to 4x the "
           f"default budget, 12,000 tokens per set, 3 seeds. With so few tokens per set, a set is a handful of "
@@ -384,8 +399,10 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
       f"= {mode.steps * tps:,} tokens, AdamW lr {mode.lr}, warm-up {mode.warmup}, cosine to 0.1x, "
       f"{'bf16 autocast' if AUTOCAST == 'bfloat16' else 'float32 (no bf16 autocast: this CPU has no AVX-512 bf16)'}, "
       f"seed 1234 |")
-    w(f"| perplexity | sliding windows of {mode.eval_ctx} (stride {mode.eval_stride}), the first "
-      f"{mode.eval_tokens:,} tokens of whole documents of each set, float32 (eval_ppl.py) |\n")
+    scored = (f"the first {mode.eval_chars} characters (cut at a space) of the first document of each set"
+              if mode.eval_chars else f"the first {mode.eval_tokens:,} tokens of whole documents of each set")
+    w(f"| perplexity | sliding windows of {mode.eval_ctx} (stride {mode.eval_stride}), {scored}, float32 "
+      f"(eval_ppl.py) |\n")
 
     w("Evaluation sets (experiments/datasets.py; none of their text is trained on):\n")
     w("| set | what | documents | tokens scored | bytes |\n|---|---|---:|---:|---:|")

@@ -102,6 +102,7 @@ def _oracle_cache(name: str, gguf: Path, transformers, build) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow end-to-end tests first: with `-n 2` each then starts at once on a worker while the other worker works
-    through the short ones, instead of the run ending with one long test on one worker and the other idle."""
+    """The slow end-to-end tests first: with `-n 2` and pyproject's `--dist loadgroup` (tests dealt out one at a time,
+    round-robin) they start at once on different workers, while the short ones fill in around them, instead of the run
+    ending with a long test on one worker and the other idle."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)   # stable: the order is kept otherwise

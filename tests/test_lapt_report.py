@@ -25,6 +25,14 @@ def test_bootstrap_interval_against_direct_resampling():
     assert lo < correct.mean() < hi
 
 
+def test_first_words_cuts_at_a_space_within_the_budget():
+    text = "Ala ma kota, a kot ma Alę."
+    assert lapt_report.first_words(text, 100) == text
+    assert lapt_report.first_words(text, 12) == "Ala ma kota,"      # the space right after the budget's last char
+    assert lapt_report.first_words(text, 11) == "Ala ma"
+    assert lapt_report.first_words("Bezspacji", 4) == "Bezs"          # no space at all: cut at the budget
+
+
 def test_nice_ticks_cover_the_range():
     for lo, hi in ((0.83, 2.41), (12.0, 25.8), (0, 1000), (5, 5)):
         ticks = nice_ticks(lo, hi)
