@@ -381,10 +381,11 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
       f"`train.py`'s cpu-smollm2 recipe) and what the paper did not: the English it loses, how the gain grows with "
       f"the budget, and whether LAPT itself helps a downstream task.\n")
     if mode.name != "full":
+        at_most = "at most " if mode.eval_chars else ""
         w(f"**This is the `--{mode.name}` page**: the curve stops at {mode.steps} steps ({mode.steps * tps:,} "
           f"tokens, {mode.steps * tps / (60 * 2048):.0%} of the default `train.py` run's 60 x 2048), perplexity is "
-          f"scored on {'at most ' if mode.eval_chars else ''}{mode.eval_tokens:,} tokens per set, and the downstream task uses {len(mode.seeds)} seed(s) "
-          f"and {mode.ft_epochs or DEMO_TASK.epochs} epoch(s). "
+          f"scored on {at_most}{mode.eval_tokens:,} tokens per set, and the downstream task uses {len(mode.seeds)} "
+          f"seed(s) and {mode.ft_epochs or DEMO_TASK.epochs} epoch(s). "
           f"`python -m experiments.lapt_report` (without `--{mode.name}`) runs the full page: the curve to 4x the "
           f"default budget, 12,000 tokens per set, 3 seeds. With so few tokens per set, a set is a handful of "
           f"documents (the table below says how many): read this page's perplexities as indicative, not as "
