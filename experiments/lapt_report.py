@@ -63,7 +63,7 @@ class Mode:
     name: str
     steps: int                  # the curve's last point; its cosine schedule spans these steps
     points: tuple[int, ...]     # steps at which the curve is evaluated (0: the base model)
-    nf4_points: tuple[int, ...]  # the budgets of the NF4 comparison (two; the toy's one is enough to test the machinery)
+    nf4_points: tuple[int, ...]  # the budgets of the NF4 comparison (two; one in the toy, to test the machinery)
     rank_point: int             # the budget of the rank comparison
     ranks: tuple[int, ...] = (8, 32, 128)
     seq_len: int = 256
