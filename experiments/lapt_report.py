@@ -2,7 +2,7 @@
 every finished run) and writes docs/results.md with its SVG figures in docs/results/.
 
     python -m experiments.lapt_report            # the full report (sized for 90 minutes on 2 AVX-512 cores)
-    python -m experiments.lapt_report --quick    # a smaller page in <= 15 minutes on 2 AVX2 cores
+    python -m experiments.lapt_report --quick    # a smaller page, docs/quick/, in <= 15 minutes on 2 AVX2 cores
     python -m experiments.lapt_report --toy --out /tmp/x   # the machinery at toy scale (the test runs this)
 
 All runs are SmolLM2-135M (the real GGUF, named source smollm2-135m) with Curie's adapter (LoRA r 32, alpha 64,
@@ -105,6 +105,9 @@ MODES = {
                 ft_epochs=1, ft_train_per_class=4, ft_test_examples=30, ft_dev_per_class=3, train_documents=300,
                 bootstrap=200),
 }
+
+# Where each mode's page goes unless --out says: a smaller page never overwrites the full one.
+DEFAULT_OUT = {"full": ROOT / "docs", "quick": ROOT / "docs" / "quick", "toy": ROOT / "runs" / "lapt-report" / "toy-page"}
 
 
 class Report:
@@ -380,13 +383,23 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
       f"(SmolLM2-135M from its real Q4_1 GGUF, LoRA r 32 / alpha 64 on every projection and the head, "
       f"`train.py`'s cpu-smollm2 recipe) and what the paper did not: the English it loses, how the gain grows with "
       f"the budget, and whether LAPT itself helps a downstream task.\n")
+    if mode.name == "full":
+        total = sum(r["wall_seconds"] for r in every_run)
+        w(f"This is the full page; `--quick` writes a smaller one ([quick/results.md](quick/results.md)) in at most "
+          f"15 minutes. The full page is sized for 90 minutes of runs on 2 cores with AVX-512 bf16. Its runs took "
+          f"{_minutes(total)} in all on the machine below"
+          + (f", over that budget: this CPU has no AVX-512 bf16, so LAPT trains in float32, at "
+             f"{last['tokens'] / last['train_seconds_total']:.0f} tokens/s. The cache makes a long build resumable: "
+             f"an interrupted invocation loses at most the run in progress, and a LAPT run resumes from its last "
+             f"checkpoint. " if total > 90 * 60 else ". ") + "\n")
     if mode.name != "full":
         at_most = "at most " if mode.eval_chars else ""
         w(f"**This is the `--{mode.name}` page**: the curve stops at {mode.steps} steps ({mode.steps * tps:,} "
           f"tokens, {mode.steps * tps / (60 * 2048):.0%} of the default `train.py` run's 60 x 2048), perplexity is "
           f"scored on {at_most}{mode.eval_tokens:,} tokens per set, and the downstream task uses {len(mode.seeds)} "
           f"seed(s) and {mode.ft_epochs or DEMO_TASK.epochs} epoch(s). "
-          f"`python -m experiments.lapt_report` (without `--{mode.name}`) runs the full page: the curve to 4x the "
+          f"`python -m experiments.lapt_report` (without `--{mode.name}`) runs the full page "
+          f"([results.md](../results.md)): the curve to 4x the "
           f"default budget, 12,000 tokens per set, 3 seeds. With so few tokens per set, a set is a handful of "
           f"documents (the table below says how many): read this page's perplexities as indicative, not as "
           f"measurements of the sets' domains.\n")
@@ -539,16 +552,19 @@ def main(argv: list[str] | None = None) -> dict:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="a smaller page in <= 15 minutes on 2 cores")
     g.add_argument("--toy", action="store_true", help="the machinery at toy scale (for the test; not results)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs", help="folder of results.md and results/*.svg")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder of results.md and results/*.svg (default: docs for the full page, docs/quick for "
+                        "--quick, runs/lapt-report/toy-page for --toy)")
     p.add_argument("--root", type=Path, default=ROOT / "runs" / "lapt-report",
                    help="run folders and the cache of finished runs")
     args = p.parse_args(argv)
     mode = MODES["quick" if args.quick else "toy" if args.toy else "full"]
+    out = args.out or DEFAULT_OUT[mode.name]
     started = time.perf_counter()
     report = Report(mode, args.root / mode.name)
     results = report.run()
     command = "python -m experiments.lapt_report" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
-    page = write_page(results, mode, args.out, command, time.perf_counter() - started, report.cache)
+    page = write_page(results, mode, out, command, time.perf_counter() - started, report.cache)
     print(f"wrote {page} ({report.cache.hits} cached, {report.cache.misses} new runs, "
           f"{time.perf_counter() - started:.0f} s)")
     return {"page": page, "results": results, "cache": {"hits": report.cache.hits, "misses": report.cache.misses}}

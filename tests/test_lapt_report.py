@@ -33,6 +33,13 @@ def test_first_words_cuts_at_a_space_within_the_budget():
     assert lapt_report.first_words("Bezspacji", 4) == "Bezs"          # no space at all: cut at the budget
 
 
+def test_each_mode_writes_its_own_page_by_default():
+    """`--quick` (or the test's toy run) without --out must not overwrite the committed full page."""
+    folders = [lapt_report.DEFAULT_OUT[m] for m in lapt_report.MODES]
+    assert len(set(folders)) == len(folders)
+    assert lapt_report.DEFAULT_OUT["full"] == lapt_report.ROOT / "docs"
+
+
 def test_nice_ticks_cover_the_range():
     for lo, hi in ((0.83, 2.41), (12.0, 25.8), (0, 1000), (5, 5)):
         ticks = nice_ticks(lo, hi)
