@@ -54,8 +54,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # train.py's recipe trains under bf16 autocast, which doubles the matmul throughput of a CPU with AVX-512 bf16; on
 # one without (AVX2 only), bf16 products are emulated and run ~5x slower than float32, so we train in float32 there.
 AUTOCAST = "bfloat16" if training.cpu_has_bf16() else "none"
+SEED = 1234  # the training seed of every LAPT run but the seed spread's
 SETS = {"pl-test": "Polish, in-domain (test split)", "pl-fortunes": "Polish, held-out domain (fortunes-pl)",
         "en-gnome": "English (gnome-user-docs)"}
+SETS_SHORT = {"pl-test": "Polish test", "pl-fortunes": "Polish fortunes", "en-gnome": "English"}
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,11 @@ class Mode:
     steps: int                  # the curve's last point; its cosine schedule spans these steps
     points: tuple[int, ...]     # steps at which the curve is evaluated (0: the base model)
     nf4_points: tuple[int, ...]  # the budgets of the NF4 comparison (two; one in the toy, to test the machinery)
-    rank_point: int             # the budget of the rank comparison
+    rank_point: int             # the budget of the rank comparison (and of the seed spread)
     ranks: tuple[int, ...] = (8, 32, 128)
+    # More training seeds (the curve's run is seed 1234) for the curve's recipe at rank_point: how far another seed
+    # moves a perplexity, so that a difference between two runs of one seed can be read against it.
+    spread_seeds: tuple[int, ...] = (1, 2)
     seq_len: int = 256
     micro_batch: int = 4
     grad_accum: int = 2
@@ -103,7 +108,7 @@ MODES = {
     "toy": Mode("toy", steps=4, points=(0, 2, 4), nf4_points=(2,), rank_point=2, seq_len=64, micro_batch=2,
                 grad_accum=1, warmup=1, eval_tokens=128, eval_ctx=128, eval_stride=128, eval_chars=300, seeds=(0,),
                 ft_epochs=1, ft_train_per_class=4, ft_test_examples=30, ft_dev_per_class=3, train_documents=300,
-                bootstrap=200),
+                bootstrap=200, spread_seeds=(1,)),
 }
 
 # Where each mode's page goes unless --out says: a smaller page never overwrites the full one.
@@ -132,11 +137,11 @@ class Report:
 
     # ------------------------------------------------------------------------------------------------- LAPT
 
-    def lapt_settings(self, quantize: str | None = None, r: int = 32) -> dict:
+    def lapt_settings(self, quantize: str | None = None, r: int = 32, seed: int = SEED) -> dict:
         m = self.mode
         return {"version": MEASURE_VERSION, "model": MODEL, "data": file_digest(self.train_file), "seq_len": m.seq_len,
                 "micro_batch": m.micro_batch, "grad_accum": m.grad_accum, "lr": m.lr, "warmup": m.warmup,
-                "steps": m.steps, "lora_r": r, "lora_alpha": 2 * r, "quantize": quantize, "seed": 1234,
+                "steps": m.steps, "lora_r": r, "lora_alpha": 2 * r, "quantize": quantize, "seed": seed,
                 "autocast": AUTOCAST}
 
     def run_dir(self, settings: dict) -> Path:
@@ -277,7 +282,10 @@ class Report:
         on_curve = {p["step"]: p for p in curve}
         ranks = {r: on_curve[m.rank_point] if r == 32 and m.rank_point in on_curve else  # the same run, trained once
                  self.curve(self.lapt_settings(r=r), [m.rank_point])[0] for r in m.ranks}
-        return {"curve": curve, "downstream": downstream, "nf4": nf4, "ranks": ranks}
+        self.log(f"[+] seed spread: training seeds {m.spread_seeds} at step {m.rank_point} (the curve's is {SEED})")
+        spread = {SEED: ranks[32], **{s: self.curve(self.lapt_settings(seed=s), [m.rank_point])[0]
+                                      for s in m.spread_seeds}}
+        return {"curve": curve, "downstream": downstream, "nf4": nf4, "ranks": ranks, "spread": spread}
 
 
 def first_words(text: str, chars: int) -> str:
@@ -330,6 +338,12 @@ def _not_monotone(curve: list[dict], name: str, what: str) -> str:
             f"{values[-1]:.2f} at the end. ")
 
 
+def _spread(points, name: str) -> float:
+    values = [_ppl(p, name) for p in points]
+    return max(values) / min(values) - 1
+
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
@@ -345,7 +359,9 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
     figs.mkdir(parents=True, exist_ok=True)
     curve, nf4, ranks = results["curve"], results["nf4"], results["ranks"]
     base, last = curve[0], curve[-1]
-    every_run = [*curve, *nf4, *ranks.values(), *results["downstream"]["base"], *results["downstream"]["lapt"]]
+    spread = results["spread"]
+    every_run = [*curve, *nf4, *ranks.values(), *results["downstream"]["base"], *results["downstream"]["lapt"],
+                 *(p for seed, p in spread.items() if seed != SEED)]
     commits = sorted({r["commit"] for r in every_run})
     ds = downstream_summary(results["downstream"], mode.bootstrap)
     tps = mode.tokens_per_step
@@ -412,7 +428,7 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
     w(f"| LAPT recipe | {mode.steps} steps x {mode.micro_batch} x {mode.grad_accum} x {mode.seq_len} tokens "
       f"= {mode.steps * tps:,} tokens, AdamW lr {mode.lr}, warm-up {mode.warmup}, cosine to 0.1x, "
       f"{'bf16 autocast' if AUTOCAST == 'bfloat16' else 'float32 (no bf16 autocast: this CPU has no AVX-512 bf16)'}, "
-      f"seed 1234 |")
+      f"seed {SEED} |")
     scored = (f"the first {mode.eval_chars} characters (cut at a space) of the first document of each set"
               if mode.eval_chars else f"the first {mode.eval_tokens:,} tokens of whole documents of each set")
     w(f"| perplexity | sliding windows of {mode.eval_ctx} (stride {mode.eval_stride}), {scored}, float32 "
@@ -430,8 +446,8 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
     w("## 1. The LAPT curve\n")
     w(f"![bits per byte vs tokens](results/lapt-curve.svg)\n")
     w(f"*Figure 1. Bits per byte (UTF-8) of the three evaluation sets as LAPT proceeds; tokens trained on the x axis "
-      f"(thousands). What to see: both Polish lines fall, the held-out domain less than the in-domain one; the "
-      f"dashed English line shows what the Polish training costs in English.*\n")
+      f"(thousands). What to see: whether both Polish lines fall, and how far the held-out domain trails the "
+      f"in-domain one; the dashed English line shows what the Polish training costs in English.*\n")
     w("| step | tokens | training time | Polish test ppl | bits/byte | Polish fortunes ppl | bits/byte | "
       "English ppl | bits/byte |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in curve:
@@ -451,8 +467,18 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
       + ("The held-out domain got worse: LAPT on technical text did not carry over to it. " if pf[1] > pf[0] else "")
       + _not_monotone(curve, "pl-fortunes", "The held-out domain's perplexity")
       + _not_monotone(curve, "pl-test", "The in-domain perplexity")
-      + "One training seed: the run-to-run spread of these perplexities is not measured here (evaluation itself "
-        "is deterministic).\n")
+      + "The curve is one training run (seed " + str(SEED) + "); the next table measures how far another seed moves "
+        "its numbers (evaluation itself is deterministic).\n")
+    w(f"Run-to-run spread: the curve's recipe trained with {len(spread)} seeds (data order, LoRA initialisation and "
+      f"dropout) to step {mode.rank_point} ({mode.rank_point * tps:,} tokens):\n")
+    w("| training seed | Polish test ppl | Polish fortunes ppl | English ppl |\n|---|---:|---:|---:|")
+    for seed, p in spread.items():
+        w(f"| {seed}{' (the curve)' if seed == SEED else ''} | " + " | ".join(f"{_ppl(p, n):.2f}" for n in SETS) + " |")
+    spreads = {n: _spread(spread.values(), n) for n in SETS}
+    w(f"\nMeasured: across these seeds the perplexities differ by up to "
+      + ", ".join(f"{100 * spreads[n]:.1f}% ({SETS_SHORT[n]})" for n in SETS)
+      + f" (largest / smallest - 1). Read a difference between two single-seed runs smaller than this as noise; "
+        f"{len(spread)} seeds give the size of the noise roughly, not an interval.\n")
 
     # 2. forgetting
     w("## 2. Forgetting: English\n")
@@ -521,7 +547,8 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
               + " | ".join(f"{_ppl(q, n):.2f}" for n in SETS) + " |")
     gaps = [_ppl(p, "pl-test") / _ppl(by_step[p["step"]], "pl-test") - 1 for p in nf4]
     w(f"\nMeasured: NF4 raises in-domain perplexity by {100 * gaps[0]:+.1f}% at step 0, "
-      + ", ".join(f"{100 * g:+.1f}% at step {p['step']}" for g, p in zip(gaps[1:], nf4[1:])) + ". "
+      + ", ".join(f"{100 * g:+.1f}% at step {p['step']}" for g, p in zip(gaps[1:], nf4[1:]))
+      + f" (another training seed moves it by up to {100 * spreads['pl-test']:.1f}% at step {mode.rank_point}). "
       "(The NF4 training time includes quantised matmuls on the CPU, which are not optimised here.)\n")
     w(f"![LoRA rank](results/lora-rank.svg)\n")
     w(f"*Figure 6. In-domain Polish perplexity after {mode.rank_point} steps ({mode.rank_point * tps:,} tokens) "
@@ -539,7 +566,8 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
          f"alpha = 2r the scale is the same, so at the recipe's learning rate ({mode.lr}) a larger rank takes larger "
          f"steps and overshoots; a rank comparison at one learning rate favours small ranks (a learning rate per "
          f"rank, or rsLoRA, is not tried here). " if worse else "")
-      + "One seed each; differences of a few percent are within what another seed could change.\n")
+      + f"One seed each: differences under {100 * spreads['pl-test']:.1f}% (the seed spread of section 1 at this "
+        f"budget, in-domain) are within what another seed changes.\n")
     w("---\nWritten by `experiments/lapt_report.py`; rerunning it reuses every finished run "
       f"(`{Path('runs/lapt-report')}`, keyed by each run's settings).\n")
     page = out / "results.md"

@@ -68,6 +68,8 @@ def test_toy_report(tmp_path):
     assert len(re.findall(r"^\| (float32|NF4) \| ", page, flags=re.MULTILINE)) == 2 * (1 + len(mode.nf4_points))
     assert len(re.findall(r"^\| (8|32|128) \| [\d,]+ \| ", page, flags=re.MULTILINE)) == len(mode.ranks)
     assert len(re.findall(r"^\| (base|LAPT-merged) \| 0 \| ", page, flags=re.MULTILINE)) == 2
+    assert len(re.findall(r"^\| \d+( \(the curve\))? \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", page, flags=re.MULTILINE)) \
+        == 1 + len(mode.spread_seeds)
     for needed in ("| command |", "| commit |", "| machine |", "| wall time |"):
         assert needed in page
 
@@ -80,6 +82,10 @@ def test_toy_report(tmp_path):
     ranks = results["ranks"]
     assert ranks[8]["trainable"] < ranks[32]["trainable"] < ranks[128]["trainable"]
     assert ranks[32]["eval"] == curve[1]["eval"]  # rank 32 at step 2 is the curve's own point: the same run, cached
+    spread = results["spread"]
+    assert spread[lapt_report.SEED] is ranks[32] and len(spread) == 1 + len(mode.spread_seeds)
+    for seed in mode.spread_seeds:  # another seed trains another run (the seed reaches train.py)
+        assert spread[seed]["eval"]["pl-test"]["perplexity"] != ranks[32]["eval"]["pl-test"]["perplexity"]
 
     again = lapt_report.main(argv)
     assert again["cache"] == {"hits": first["cache"]["hits"] + first["cache"]["misses"], "misses": 0}
