@@ -9,7 +9,8 @@ All runs are SmolLM2-135M (the real GGUF, named source smollm2-135m) with Curie'
 dropout 0.05 on every projection and the head) and train.py's cpu-smollm2 recipe unless a row says otherwise:
 
   1. LAPT curve: perplexity and bits per byte against tokens trained, on in-domain Polish (the corpus's test split)
-     and on a second Polish domain held out of training entirely (fortunes-pl; experiments/datasets.py);
+     and on a second Polish domain held out of training entirely (fortunes-pl; experiments/datasets.py), and its
+     seed spread: the same recipe with more training seeds at one budget, to read single-seed differences against;
   2. forgetting: English perplexity at every point of the curve, on English that never entered training;
   3. downstream transfer: the fortunes classification task of klej/demo.py, fine-tuned with the demo's recipe and
      the same seeds from (a) the base model and (b) the base with the LAPT adapter merged; accuracy with a paired
