@@ -2,14 +2,15 @@
 every finished run) and writes docs/results.md with its SVG figures in docs/results/.
 
     python -m experiments.lapt_report            # the full report (sized for 90 minutes on 2 AVX-512 cores)
-    python -m experiments.lapt_report --quick    # a smaller page in <= 15 minutes on 2 AVX2 cores
+    python -m experiments.lapt_report --quick    # a smaller page, docs/quick/, in <= 15 minutes on 2 AVX2 cores
     python -m experiments.lapt_report --toy --out /tmp/x   # the machinery at toy scale (the test runs this)
 
 All runs are SmolLM2-135M (the real GGUF, named source smollm2-135m) with Curie's adapter (LoRA r 32, alpha 64,
 dropout 0.05 on every projection and the head) and train.py's cpu-smollm2 recipe unless a row says otherwise:
 
   1. LAPT curve: perplexity and bits per byte against tokens trained, on in-domain Polish (the corpus's test split)
-     and on a second Polish domain held out of training entirely (fortunes-pl; experiments/datasets.py);
+     and on a second Polish domain held out of training entirely (fortunes-pl; experiments/datasets.py), and its
+     seed spread: the same recipe with more training seeds at one budget, to read single-seed differences against;
   2. forgetting: English perplexity at every point of the curve, on English that never entered training;
   3. downstream transfer: the fortunes classification task of klej/demo.py, fine-tuned with the demo's recipe and
      the same seeds from (a) the base model and (b) the base with the LAPT adapter merged; accuracy with a paired
@@ -54,8 +55,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # train.py's recipe trains under bf16 autocast, which doubles the matmul throughput of a CPU with AVX-512 bf16; on
 # one without (AVX2 only), bf16 products are emulated and run ~5x slower than float32, so we train in float32 there.
 AUTOCAST = "bfloat16" if training.cpu_has_bf16() else "none"
+SEED = 1234  # the training seed of every LAPT run but the seed spread's
 SETS = {"pl-test": "Polish, in-domain (test split)", "pl-fortunes": "Polish, held-out domain (fortunes-pl)",
         "en-gnome": "English (gnome-user-docs)"}
+SETS_SHORT = {"pl-test": "Polish test", "pl-fortunes": "Polish fortunes", "en-gnome": "English"}
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,11 @@ class Mode:
     steps: int                  # the curve's last point; its cosine schedule spans these steps
     points: tuple[int, ...]     # steps at which the curve is evaluated (0: the base model)
     nf4_points: tuple[int, ...]  # the budgets of the NF4 comparison (two; one in the toy, to test the machinery)
-    rank_point: int             # the budget of the rank comparison
+    rank_point: int             # the budget of the rank comparison (and of the seed spread)
     ranks: tuple[int, ...] = (8, 32, 128)
+    # More training seeds (the curve's run is seed 1234) for the curve's recipe at rank_point: how far another seed
+    # moves a perplexity, so that a difference between two runs of one seed can be read against it.
+    spread_seeds: tuple[int, ...] = (1, 2)
     seq_len: int = 256
     micro_batch: int = 4
     grad_accum: int = 2
@@ -103,8 +109,11 @@ MODES = {
     "toy": Mode("toy", steps=4, points=(0, 2, 4), nf4_points=(2,), rank_point=2, seq_len=64, micro_batch=2,
                 grad_accum=1, warmup=1, eval_tokens=128, eval_ctx=128, eval_stride=128, eval_chars=300, seeds=(0,),
                 ft_epochs=1, ft_train_per_class=4, ft_test_examples=30, ft_dev_per_class=3, train_documents=300,
-                bootstrap=200),
+                bootstrap=200, spread_seeds=(1,)),
 }
+
+# Where each mode's page goes unless --out says: a smaller page never overwrites the full one.
+DEFAULT_OUT = {"full": ROOT / "docs", "quick": ROOT / "docs" / "quick", "toy": ROOT / "runs" / "lapt-report" / "toy-page"}
 
 
 class Report:
@@ -129,11 +138,11 @@ class Report:
 
     # ------------------------------------------------------------------------------------------------- LAPT
 
-    def lapt_settings(self, quantize: str | None = None, r: int = 32) -> dict:
+    def lapt_settings(self, quantize: str | None = None, r: int = 32, seed: int = SEED) -> dict:
         m = self.mode
         return {"version": MEASURE_VERSION, "model": MODEL, "data": file_digest(self.train_file), "seq_len": m.seq_len,
                 "micro_batch": m.micro_batch, "grad_accum": m.grad_accum, "lr": m.lr, "warmup": m.warmup,
-                "steps": m.steps, "lora_r": r, "lora_alpha": 2 * r, "quantize": quantize, "seed": 1234,
+                "steps": m.steps, "lora_r": r, "lora_alpha": 2 * r, "quantize": quantize, "seed": seed,
                 "autocast": AUTOCAST}
 
     def run_dir(self, settings: dict) -> Path:
@@ -274,7 +283,10 @@ class Report:
         on_curve = {p["step"]: p for p in curve}
         ranks = {r: on_curve[m.rank_point] if r == 32 and m.rank_point in on_curve else  # the same run, trained once
                  self.curve(self.lapt_settings(r=r), [m.rank_point])[0] for r in m.ranks}
-        return {"curve": curve, "downstream": downstream, "nf4": nf4, "ranks": ranks}
+        self.log(f"[+] seed spread: training seeds {m.spread_seeds} at step {m.rank_point} (the curve's is {SEED})")
+        spread = {SEED: ranks[32], **{s: self.curve(self.lapt_settings(seed=s), [m.rank_point])[0]
+                                      for s in m.spread_seeds}}
+        return {"curve": curve, "downstream": downstream, "nf4": nf4, "ranks": ranks, "spread": spread}
 
 
 def first_words(text: str, chars: int) -> str:
@@ -327,6 +339,12 @@ def _not_monotone(curve: list[dict], name: str, what: str) -> str:
             f"{values[-1]:.2f} at the end. ")
 
 
+def _spread(points, name: str) -> float:
+    values = [_ppl(p, name) for p in points]
+    return max(values) / min(values) - 1
+
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
@@ -342,7 +360,9 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
     figs.mkdir(parents=True, exist_ok=True)
     curve, nf4, ranks = results["curve"], results["nf4"], results["ranks"]
     base, last = curve[0], curve[-1]
-    every_run = [*curve, *nf4, *ranks.values(), *results["downstream"]["base"], *results["downstream"]["lapt"]]
+    spread = results["spread"]
+    every_run = [*curve, *nf4, *ranks.values(), *results["downstream"]["base"], *results["downstream"]["lapt"],
+                 *(p for seed, p in spread.items() if seed != SEED)]
     commits = sorted({r["commit"] for r in every_run})
     ds = downstream_summary(results["downstream"], mode.bootstrap)
     tps = mode.tokens_per_step
@@ -380,13 +400,23 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
       f"(SmolLM2-135M from its real Q4_1 GGUF, LoRA r 32 / alpha 64 on every projection and the head, "
       f"`train.py`'s cpu-smollm2 recipe) and what the paper did not: the English it loses, how the gain grows with "
       f"the budget, and whether LAPT itself helps a downstream task.\n")
+    if mode.name == "full":
+        total = sum(r["wall_seconds"] for r in every_run)
+        w(f"This is the full page; `--quick` writes a smaller one ([quick/results.md](quick/results.md)) in at most "
+          f"15 minutes. The full page is sized for 90 minutes of runs on 2 cores with AVX-512 bf16. Its runs took "
+          f"{_minutes(total)} in all on the machine below"
+          + (f", over that budget: this CPU has no AVX-512 bf16, so LAPT trains in float32, at "
+             f"{last['tokens'] / last['train_seconds_total']:.0f} tokens/s. The cache makes a long build resumable: "
+             f"an interrupted invocation loses at most the run in progress, and a LAPT run resumes from its last "
+             f"checkpoint. " if total > 90 * 60 else ". ") + "\n")
     if mode.name != "full":
         at_most = "at most " if mode.eval_chars else ""
         w(f"**This is the `--{mode.name}` page**: the curve stops at {mode.steps} steps ({mode.steps * tps:,} "
           f"tokens, {mode.steps * tps / (60 * 2048):.0%} of the default `train.py` run's 60 x 2048), perplexity is "
           f"scored on {at_most}{mode.eval_tokens:,} tokens per set, and the downstream task uses {len(mode.seeds)} "
           f"seed(s) and {mode.ft_epochs or DEMO_TASK.epochs} epoch(s). "
-          f"`python -m experiments.lapt_report` (without `--{mode.name}`) runs the full page: the curve to 4x the "
+          f"`python -m experiments.lapt_report` (without `--{mode.name}`) runs the full page "
+          f"([results.md](../results.md)): the curve to 4x the "
           f"default budget, 12,000 tokens per set, 3 seeds. With so few tokens per set, a set is a handful of "
           f"documents (the table below says how many): read this page's perplexities as indicative, not as "
           f"measurements of the sets' domains.\n")
@@ -399,7 +429,7 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
     w(f"| LAPT recipe | {mode.steps} steps x {mode.micro_batch} x {mode.grad_accum} x {mode.seq_len} tokens "
       f"= {mode.steps * tps:,} tokens, AdamW lr {mode.lr}, warm-up {mode.warmup}, cosine to 0.1x, "
       f"{'bf16 autocast' if AUTOCAST == 'bfloat16' else 'float32 (no bf16 autocast: this CPU has no AVX-512 bf16)'}, "
-      f"seed 1234 |")
+      f"seed {SEED} |")
     scored = (f"the first {mode.eval_chars} characters (cut at a space) of the first document of each set"
               if mode.eval_chars else f"the first {mode.eval_tokens:,} tokens of whole documents of each set")
     w(f"| perplexity | sliding windows of {mode.eval_ctx} (stride {mode.eval_stride}), {scored}, float32 "
@@ -417,8 +447,8 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
     w("## 1. The LAPT curve\n")
     w(f"![bits per byte vs tokens](results/lapt-curve.svg)\n")
     w(f"*Figure 1. Bits per byte (UTF-8) of the three evaluation sets as LAPT proceeds; tokens trained on the x axis "
-      f"(thousands). What to see: both Polish lines fall, the held-out domain less than the in-domain one; the "
-      f"dashed English line shows what the Polish training costs in English.*\n")
+      f"(thousands). What to see: whether both Polish lines fall, and how far the held-out domain trails the "
+      f"in-domain one; the dashed English line shows what the Polish training costs in English.*\n")
     w("| step | tokens | training time | Polish test ppl | bits/byte | Polish fortunes ppl | bits/byte | "
       "English ppl | bits/byte |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p in curve:
@@ -438,8 +468,18 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
       + ("The held-out domain got worse: LAPT on technical text did not carry over to it. " if pf[1] > pf[0] else "")
       + _not_monotone(curve, "pl-fortunes", "The held-out domain's perplexity")
       + _not_monotone(curve, "pl-test", "The in-domain perplexity")
-      + "One training seed: the run-to-run spread of these perplexities is not measured here (evaluation itself "
-        "is deterministic).\n")
+      + "The curve is one training run (seed " + str(SEED) + "); the next table measures how far another seed moves "
+        "its numbers (evaluation itself is deterministic).\n")
+    w(f"Run-to-run spread: the curve's recipe trained with {len(spread)} seeds (data order, LoRA initialisation and "
+      f"dropout) to step {mode.rank_point} ({mode.rank_point * tps:,} tokens):\n")
+    w("| training seed | Polish test ppl | Polish fortunes ppl | English ppl |\n|---|---:|---:|---:|")
+    for seed, p in spread.items():
+        w(f"| {seed}{' (the curve)' if seed == SEED else ''} | " + " | ".join(f"{_ppl(p, n):.2f}" for n in SETS) + " |")
+    spreads = {n: _spread(spread.values(), n) for n in SETS}
+    w(f"\nMeasured: across these seeds the perplexities differ by up to "
+      + ", ".join(f"{100 * spreads[n]:.1f}% ({SETS_SHORT[n]})" for n in SETS)
+      + f" (largest / smallest - 1). Read a difference between two single-seed runs smaller than this as noise; "
+        f"{len(spread)} seeds give the size of the noise roughly, not an interval.\n")
 
     # 2. forgetting
     w("## 2. Forgetting: English\n")
@@ -508,7 +548,8 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
               + " | ".join(f"{_ppl(q, n):.2f}" for n in SETS) + " |")
     gaps = [_ppl(p, "pl-test") / _ppl(by_step[p["step"]], "pl-test") - 1 for p in nf4]
     w(f"\nMeasured: NF4 raises in-domain perplexity by {100 * gaps[0]:+.1f}% at step 0, "
-      + ", ".join(f"{100 * g:+.1f}% at step {p['step']}" for g, p in zip(gaps[1:], nf4[1:])) + ". "
+      + ", ".join(f"{100 * g:+.1f}% at step {p['step']}" for g, p in zip(gaps[1:], nf4[1:]))
+      + f" (another training seed moves it by up to {100 * spreads['pl-test']:.1f}% at step {mode.rank_point}). "
       "(The NF4 training time includes quantised matmuls on the CPU, which are not optimised here.)\n")
     w(f"![LoRA rank](results/lora-rank.svg)\n")
     w(f"*Figure 6. In-domain Polish perplexity after {mode.rank_point} steps ({mode.rank_point * tps:,} tokens) "
@@ -526,7 +567,8 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
          f"alpha = 2r the scale is the same, so at the recipe's learning rate ({mode.lr}) a larger rank takes larger "
          f"steps and overshoots; a rank comparison at one learning rate favours small ranks (a learning rate per "
          f"rank, or rsLoRA, is not tried here). " if worse else "")
-      + "One seed each; differences of a few percent are within what another seed could change.\n")
+      + f"One seed each: differences under {100 * spreads['pl-test']:.1f}% (the seed spread of section 1 at this "
+        f"budget, in-domain) are within what another seed changes.\n")
     w("---\nWritten by `experiments/lapt_report.py`; rerunning it reuses every finished run "
       f"(`{Path('runs/lapt-report')}`, keyed by each run's settings).\n")
     page = out / "results.md"
@@ -539,16 +581,19 @@ def main(argv: list[str] | None = None) -> dict:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="a smaller page in <= 15 minutes on 2 cores")
     g.add_argument("--toy", action="store_true", help="the machinery at toy scale (for the test; not results)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs", help="folder of results.md and results/*.svg")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder of results.md and results/*.svg (default: docs for the full page, docs/quick for "
+                        "--quick, runs/lapt-report/toy-page for --toy)")
     p.add_argument("--root", type=Path, default=ROOT / "runs" / "lapt-report",
                    help="run folders and the cache of finished runs")
     args = p.parse_args(argv)
     mode = MODES["quick" if args.quick else "toy" if args.toy else "full"]
+    out = args.out or DEFAULT_OUT[mode.name]
     started = time.perf_counter()
     report = Report(mode, args.root / mode.name)
     results = report.run()
     command = "python -m experiments.lapt_report" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
-    page = write_page(results, mode, args.out, command, time.perf_counter() - started, report.cache)
+    page = write_page(results, mode, out, command, time.perf_counter() - started, report.cache)
     print(f"wrote {page} ({report.cache.hits} cached, {report.cache.misses} new runs, "
           f"{time.perf_counter() - started:.0f} s)")
     return {"page": page, "results": results, "cache": {"hits": report.cache.hits, "misses": report.cache.misses}}

@@ -33,6 +33,13 @@ def test_first_words_cuts_at_a_space_within_the_budget():
     assert lapt_report.first_words("Bezspacji", 4) == "Bezs"          # no space at all: cut at the budget
 
 
+def test_each_mode_writes_its_own_page_by_default():
+    """`--quick` (or the test's toy run) without --out must not overwrite the committed full page."""
+    folders = [lapt_report.DEFAULT_OUT[m] for m in lapt_report.MODES]
+    assert len(set(folders)) == len(folders)
+    assert lapt_report.DEFAULT_OUT["full"] == lapt_report.ROOT / "docs"
+
+
 def test_nice_ticks_cover_the_range():
     for lo, hi in ((0.83, 2.41), (12.0, 25.8), (0, 1000), (5, 5)):
         ticks = nice_ticks(lo, hi)
@@ -61,6 +68,8 @@ def test_toy_report(tmp_path):
     assert len(re.findall(r"^\| (float32|NF4) \| ", page, flags=re.MULTILINE)) == 2 * (1 + len(mode.nf4_points))
     assert len(re.findall(r"^\| (8|32|128) \| [\d,]+ \| ", page, flags=re.MULTILINE)) == len(mode.ranks)
     assert len(re.findall(r"^\| (base|LAPT-merged) \| 0 \| ", page, flags=re.MULTILINE)) == 2
+    assert len(re.findall(r"^\| \d+( \(the curve\))? \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", page, flags=re.MULTILINE)) \
+        == 1 + len(mode.spread_seeds)
     for needed in ("| command |", "| commit |", "| machine |", "| wall time |"):
         assert needed in page
 
@@ -73,6 +82,10 @@ def test_toy_report(tmp_path):
     ranks = results["ranks"]
     assert ranks[8]["trainable"] < ranks[32]["trainable"] < ranks[128]["trainable"]
     assert ranks[32]["eval"] == curve[1]["eval"]  # rank 32 at step 2 is the curve's own point: the same run, cached
+    spread = results["spread"]
+    assert spread[lapt_report.SEED] is ranks[32] and len(spread) == 1 + len(mode.spread_seeds)
+    for seed in mode.spread_seeds:  # another seed trains another run (the seed reaches train.py)
+        assert spread[seed]["eval"]["pl-test"]["perplexity"] != ranks[32]["eval"]["pl-test"]["perplexity"]
 
     again = lapt_report.main(argv)
     assert again["cache"] == {"hits": first["cache"]["hits"] + first["cache"]["misses"], "misses": 0}
