@@ -344,6 +344,15 @@ def _spread(points, name: str) -> float:
     return max(values) / min(values) - 1
 
 
+def _versus(difference: float, noise: float) -> str:
+    """A single-seed difference read against the seed spread; 3 seeds size the noise roughly, hence the middle band."""
+    return ("within the seed spread" if difference <= noise else
+            "about the size of the seed spread" if difference <= 2 * noise else "beyond the seed spread")
+
+
+def _worst_rank(ranks: dict, name: str) -> int:
+    return max(ranks, key=lambda r: _ppl(ranks[r], name))
+
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
@@ -493,6 +502,7 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
           f"{_change(_ppl(base, 'en-gnome'), _ppl(p, 'en-gnome'))} | {_bpb(p, 'en-gnome'):.3f} |")
     pe = (_ppl(base, "en-gnome"), _ppl(last, "en-gnome"))
     worst = max(curve, key=lambda p: _ppl(p, "en-gnome"))
+    en_seeds = [_ppl(p, "en-gnome") for p in spread.values()]
     w(f"\nMeasured: English perplexity {pe[0]:.2f} -> {pe[1]:.2f} ({_change(*pe)}) at the last point"
       + (f", worst {_ppl(worst, 'en-gnome'):.2f} at step {worst['step']}" if worst not in (base, last) else "")
       + ". "
@@ -502,7 +512,11 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
          "English perplexity fell too: these English pages are the originals of GNOME help pages whose Polish "
          "translations are in the training text, and the help-text domain is shared, so what LAPT learns about "
          "the domain outweighs any forgetting here; English unlike the training text is not measured. ")
-      + "\n")
+      + f"Across the {len(spread)} training seeds of section 1 at step {mode.rank_point}, English perplexity is "
+        f"{min(en_seeds):.2f} to {max(en_seeds):.2f} ({_change(pe[0], min(en_seeds))} to "
+        f"{_change(pe[0], max(en_seeds))} vs the base)"
+      + (": every seed loses English.\n" if min(en_seeds) > pe[0] else
+         ": every seed gains in English.\n" if max(en_seeds) < pe[0] else ": the sign depends on the seed.\n"))
 
     # 3. downstream
     runs = results["downstream"]
@@ -549,8 +563,12 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
     gaps = [_ppl(p, "pl-test") / _ppl(by_step[p["step"]], "pl-test") - 1 for p in nf4]
     w(f"\nMeasured: NF4 raises in-domain perplexity by {100 * gaps[0]:+.1f}% at step 0, "
       + ", ".join(f"{100 * g:+.1f}% at step {p['step']}" for g, p in zip(gaps[1:], nf4[1:]))
-      + f" (another training seed moves it by up to {100 * spreads['pl-test']:.1f}% at step {mode.rank_point}). "
-      "(The NF4 training time includes quantised matmuls on the CPU, which are not optimised here.)\n")
+      + f". The step-0 gap is the quantisation alone (no training, deterministic evaluation); after training, "
+        f"another seed moves this perplexity by up to {100 * spreads['pl-test']:.1f}% (section 1, step "
+        f"{mode.rank_point}): "
+      + ", ".join(f"the gap at step {p['step']} is {_versus(abs(g), spreads['pl-test'])}"
+                  for g, p in zip(gaps[1:], nf4[1:]))
+      + ". (The NF4 training time includes quantised matmuls on the CPU, which are not optimised here.)\n")
     w(f"![LoRA rank](results/lora-rank.svg)\n")
     w(f"*Figure 6. In-domain Polish perplexity after {mode.rank_point} steps ({mode.rank_point * tps:,} tokens) "
       f"with LoRA rank 8, 32 and 128 (alpha = 2r, so the same scale alpha/r); dashed: the base model. What to see: "
@@ -561,14 +579,19 @@ def write_page(results: dict, mode: Mode, out: Path, command: str, wall: float, 
         w(f"| {r} | {p['trainable']:,} | " + " | ".join(f"{_ppl(p, n):.2f}" for n in SETS)
           + f" | {_minutes(p['train_seconds_total'])} |")
     best = min(ranks, key=lambda r: _ppl(ranks[r], "pl-test"))
+    rank_gaps = {n: _spread(ranks.values(), n) for n in SETS}
     worse = [r for r, p in ranks.items() if _ppl(p, "pl-test") > _ppl(base, "pl-test")]
     w(f"\nMeasured: the lowest in-domain perplexity at this budget is rank {best}'s. "
       + (f"Rank {', '.join(map(str, worse))} ended worse than the base model ({_ppl(base, 'pl-test'):.2f}): with "
          f"alpha = 2r the scale is the same, so at the recipe's learning rate ({mode.lr}) a larger rank takes larger "
          f"steps and overshoots; a rank comparison at one learning rate favours small ranks (a learning rate per "
          f"rank, or rsLoRA, is not tried here). " if worse else "")
-      + f"One seed each: differences under {100 * spreads['pl-test']:.1f}% (the seed spread of section 1 at this "
-        f"budget, in-domain) are within what another seed changes.\n")
+      + "One seed each, so read the ranks' differences (largest / smallest - 1) against the seed spread of "
+        "section 1 at this budget: "
+      + "; ".join(f"{SETS_SHORT[n]}, {100 * rank_gaps[n]:.1f}% across ranks vs {100 * spreads[n]:.1f}% across "
+                  f"seeds: {_versus(rank_gaps[n], spreads[n])}"
+                  + (f" (worst: rank {_worst_rank(ranks, n)})" if rank_gaps[n] > spreads[n] else "")
+                  for n in SETS) + ".\n")
     w("---\nWritten by `experiments/lapt_report.py`; rerunning it reuses every finished run "
       f"(`{Path('runs/lapt-report')}`, keyed by each run's settings).\n")
     page = out / "results.md"
